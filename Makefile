@@ -1,0 +1,31 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`. Each builds .venv by itself.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PRESET ?= tiny
+
+.PHONY: demo test venv bench bench-baseline bench-codec clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qtllava demo --config $(PRESET)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: bench-baseline
+
+bench-baseline: $(STAMP)
+	$(BIN)/python benchmarks/baseline.py
+
+clean:
+	rm -rf runs/demo data/micro

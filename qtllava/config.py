@@ -1,0 +1,411 @@
+"""Typed configuration: presets (micro, tiny, small, paper), TOML files and command-line overrides.
+
+Configuration is data: every hyper-parameter lives in one dataclass tree that can be printed, hashed,
+written to TOML and read back. Unknown keys, unknown preset names and values of the wrong type raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "VisionConfig",
+    "ConnectorConfig",
+    "LLMConfig",
+    "CodecConfig",
+    "CompressConfig",
+    "DataConfig",
+    "StageConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "WireConfig",
+    "Config",
+    "PRESETS",
+    "preset",
+    "load_config",
+    "apply_overrides",
+    "to_dict",
+    "from_dict",
+    "to_toml",
+    "config_hash",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file, key, value or preset name is wrong; the message names it."""
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower. `kind` is "siglip" or "clip". With `pretrained` set, weights come from that local folder."""
+
+    kind: str = "siglip"
+    pretrained: str = ""  # local folder with a transformers vision checkpoint; never downloaded
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    select_layer: int = -2  # penultimate layer, as in LLaVA/TinyLLaVA
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image sent to the LLM (CLIP's CLS token is dropped, SigLIP has none)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ConnectorConfig:
+    kind: str = "mlp2x_gelu"
+
+
+@dataclass
+class LLMConfig:
+    """Decoder LLM. `kind` is "qwen2" or "llama". With `pretrained` set, weights and tokenizer come from there."""
+
+    kind: str = "qwen2"
+    pretrained: str = ""
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class CodecConfig:
+    """One compressor on the cut (one instance per modality is built from it).
+
+    name: registry name ("identity", "fsq", "nf", "topk").
+    dtype: wire dtype of `identity` ("fp32", "fp16", "bf16").
+    levels: number of quantization levels L for `fsq` (2..256).
+    d_code: code width of `fsq`; 0 means the model width D.
+    bits: bits per element for `nf` (2, 3, 4) and the budget for `topk`.
+    coder: index coding for `fsq`: "pack" (fixed width) or "ans" (constriction).
+    """
+
+    name: str = "identity"
+    dtype: str = "fp16"
+    levels: int = 4
+    d_code: int = 0
+    norm_over: str = "sample"
+    norm_width: float = 3.0
+    distortion_weight: float = 0.25
+    rate_weight: float = 0.0
+    bits: int = 2
+    coder: str = "pack"
+
+
+@dataclass
+class CompressConfig:
+    """What crosses the cut: an uplink codec per modality and a downlink gradient codec."""
+
+    image: CodecConfig = field(default_factory=CodecConfig)
+    text: CodecConfig = field(default_factory=CodecConfig)
+    downlink: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
+    stochastic_rounding: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how much of it the offline generator makes."""
+
+    root: str = "data/tiny"
+    seed: int = 0
+    n_caption: int = 4000
+    n_instruct: int = 4000
+    n_val: int = 200
+    n_per_suite: int = 200
+    vocab_size: int = 512
+    max_length: int = 160
+    template: str = "qwen2"  # chat template for instruction data; captions use "pretrain"
+    skip_bad: bool = False
+    tokenizer: str = ""  # folder with a tokenizer; empty: the one stored with the generated data
+
+
+@dataclass
+class StageConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 leaves torch's default
+    checkpoint_every: int = 100
+    log_every: int = 10
+    stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=2e-3, warmup_ratio=0.05))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=1e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=5e-4))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    limit: int = 0  # questions per suite; 0 = all
+
+
+@dataclass
+class WireConfig:
+    listen: str = "127.0.0.1:50551"
+    max_message_bytes: int = 64 * 1024 * 1024
+    chunk_bytes: int = 1024 * 1024
+    token: str = ""
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    dtype: str = "float32"
+    device: str = "cpu"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+
+def _micro() -> Config:
+    c = Config(name="micro")
+    c.vision = VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    c.llm = LLMConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_position_embeddings=256)
+    c.data = DataConfig(root="data/micro", n_caption=64, n_instruct=64, n_val=16, n_per_suite=12, vocab_size=384,
+                        max_length=96)
+    c.train = TrainConfig(checkpoint_every=5, log_every=1,
+                          stage0=StageConfig(steps=4, lr=2e-3, batch_size=4),
+                          stage1=StageConfig(steps=3, lr=1e-3, batch_size=4),
+                          stage2=StageConfig(steps=3, lr=1e-3, batch_size=4))
+    c.eval = EvalConfig(batch_size=8, max_new_tokens=4, limit=8)
+    return c
+
+
+def _tiny() -> Config:
+    return Config(name="tiny")
+
+
+def _small() -> Config:
+    c = Config(name="small")
+    c.vision = VisionConfig(image_size=96, patch_size=8, hidden_size=256, intermediate_size=1024, num_layers=6,
+                            num_heads=4)
+    c.llm = LLMConfig(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=4,
+                      max_position_embeddings=1024)
+    c.data = DataConfig(root="data/small", n_caption=20000, n_instruct=20000, n_val=500, n_per_suite=500,
+                        max_length=256)
+    c.train.stage0 = StageConfig(steps=3000, lr=1e-3, batch_size=16)
+    c.train.stage1 = StageConfig(steps=500, lr=1e-3, batch_size=16)
+    c.train.stage2 = StageConfig(steps=1500, lr=2e-4, batch_size=16)
+    return c
+
+
+def _paper() -> Config:
+    """SigLIP-so400m/14 at 384 px + a Qwen2-0.5B-style LLM; weights only from local folders (set both paths)."""
+    c = Config(name="paper", dtype="bfloat16", device="cuda")
+    c.vision = VisionConfig(kind="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                            num_layers=27, num_heads=16)
+    c.llm = LLMConfig(kind="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                      num_kv_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True)
+    c.data = DataConfig(root="data/paper", max_length=2048, template="qwen2")
+    c.train.stage0 = StageConfig(steps=0)
+    c.train.stage1 = StageConfig(steps=2000, lr=1e-3, batch_size=32, warmup_ratio=0.03)
+    c.train.stage2 = StageConfig(steps=5000, lr=2e-5, batch_size=16, grad_accum=2)
+    c.eval = EvalConfig(batch_size=16, max_new_tokens=16)
+    c.compress.image = CodecConfig(name="fsq", levels=4)
+    c.compress.text = CodecConfig(name="fsq", levels=4)
+    return c
+
+
+PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper}
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of the named preset. Raises ConfigError on an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- dict / TOML conversion -------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists), ready for TOML or JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _merge(cfg: Any, data: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown configuration key {path!r}; known here: {', '.join(sorted(names))}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a table, got {value!r}")
+            _merge(current, value, path)
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], path))
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested dict onto `base` (or onto the preset named by data["name"], else `tiny`)."""
+    data = copy.deepcopy(data)
+    if base is None:
+        base = preset(data.get("preset", data.get("name", "tiny")))
+    data.pop("preset", None)
+    _merge(base, data, "")
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset_name: str | None = None) -> Config:
+    """Load a config: a preset name or TOML file, then `key.sub=value` overrides (values parsed as TOML).
+
+    A TOML file may say `preset = "micro"` to start from that preset; otherwise it starts from `name` or `tiny`.
+    `path` may also be a bare preset name ("micro") or a name of a file in `configs/` without suffix.
+    """
+    cfg: Config
+    if path is None:
+        cfg = preset(preset_name or "tiny")
+    else:
+        p = Path(path)
+        if not p.exists() and str(path) in PRESETS:
+            cfg = preset(str(path))
+        else:
+            if not p.exists() and (Path("configs") / f"{path}.toml").exists():
+                p = Path("configs") / f"{path}.toml"
+            if not p.exists():
+                raise ConfigError(f"configuration file {str(path)!r} not found (and not a preset: {', '.join(PRESETS)})")
+            try:
+                data = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{p}: invalid TOML: {e}") from e
+            try:
+                cfg = from_dict(data)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from e
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b.c=value` strings; the value is parsed as TOML (bare words are taken as strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        nested: dict[str, Any] = {}
+        cur = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur[part] = {}
+            cur = cur[part]
+        cur[parts[-1]] = value
+        _merge(cfg, nested, "")
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """TOML text that `load_config` reads back into an equal Config."""
+    lines: list[str] = []
+
+    def emit(d: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(to_dict(cfg), "")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = ("vision", "connector", "llm", "compress")) -> str:
+    """SHA-256 of the sections that client and server must agree on (model + compressor), hex."""
+    d = to_dict(cfg)
+    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
