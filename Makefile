@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= tiny
 
-.PHONY: demo test venv bench bench-baseline bench-codec clean
+.PHONY: demo test venv bench bench-baseline bench-codec clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,3 +29,7 @@ bench-baseline: $(STAMP)
 
 clean:
 	rm -rf runs/demo data/micro
+
+# Regenerate the checked-in gRPC stubs (generator pinned: grpcio-tools 1.85.1, protobuf >= 7.35).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. qtllava/wire/split.proto
