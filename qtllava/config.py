@@ -117,7 +117,7 @@ class CompressConfig:
 
     image: CodecConfig = field(default_factory=CodecConfig)
     text: CodecConfig = field(default_factory=CodecConfig)
-    downlink: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
+    downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 (16-bit baseline: fp16 both ways)
     stochastic_rounding: bool = False
 
 

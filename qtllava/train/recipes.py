@@ -1,0 +1,99 @@
+"""Training recipes: for each stage, what is trained, what starts fresh, which data and which codecs are used.
+
+Stage 0 (base) trains tower + connector + LLM from scratch without compression: it stands in for the pretrained
+SigLIP and LLM weights that cannot be downloaded here. Stages 1 and 2 follow the paper from that base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qtllava.config import CodecConfig, CompressConfig, Config, StageConfig
+
+__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "apply_trainable", "lr_at", "set_seed", "make_optimizer"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    client_trainable: tuple[str, ...]  # ClientPart submodule names whose parameters train
+    server_trainable: tuple[str, ...]  # ServerPart submodule names whose parameters train
+    fresh: tuple[str, ...]  # submodules (either part) re-initialised at the start of the stage
+    data: tuple[str, ...]  # data files (under the data root) mixed for this stage
+    compressed: bool  # False: fp32 passthrough both ways, whatever the configuration says
+    template: str  # "pretrain" for captions; "chat" = the configured chat template
+
+
+CODECS = ("image_codec", "text_codec")
+
+RECIPES: dict[str, Recipe] = {
+    "stage0": Recipe("stage0", ("vision_tower", "connector", "embed_tokens") + CODECS, ("llm",) + CODECS, (),
+                     ("captions.json", "instruct_train.json"), compressed=False, template="chat"),
+    "stage1": Recipe("stage1", ("connector",) + CODECS, CODECS, ("connector",) + CODECS,
+                     ("captions.json",), compressed=True, template="pretrain"),
+    "stage2": Recipe("stage2", ("connector", "embed_tokens") + CODECS, ("llm",) + CODECS, (),
+                     ("instruct_train.json",), compressed=True, template="chat"),
+}
+
+
+def recipe(stage: str) -> Recipe:
+    if stage not in RECIPES:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[stage]
+
+
+def stage_compress(cfg: Config, stage: str) -> CompressConfig:
+    """The codecs used in `stage`: the configured ones, or fp32 passthrough for the uncompressed base stage."""
+    if recipe(stage).compressed:
+        return cfg.compress
+    fp32 = CodecConfig(name="identity", dtype="fp32")
+    return CompressConfig(image=fp32, text=CodecConfig(name="identity", dtype="fp32"), downlink="fp32")
+
+
+def apply_trainable(part: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+    """Freeze every parameter of `part`, unfreeze the named submodules; return the trainable parameters."""
+    part.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for name in names:
+        module = getattr(part, name, None)
+        if module is None:
+            continue
+        module.requires_grad_(True)
+        params += [p for p in module.parameters()]
+    return params
+
+
+def lr_at(stage: StageConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up then cosine decay to min_lr_ratio x lr; `step` counts optimizer steps from 0."""
+    warmup = max(1, math.ceil(stage.warmup_ratio * total_steps)) if stage.warmup_ratio > 0 else 0
+    if warmup and step < warmup:
+        return stage.lr * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    floor = stage.min_lr_ratio
+    return stage.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.AdamW | None:
+    """AdamW over the trainable parameters, or None when there are none (e.g. a server with nothing to learn)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999))

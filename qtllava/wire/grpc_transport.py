@@ -1,0 +1,274 @@
+"""gRPC transport: a server that hosts any `SplitHandler`, and a client link with the loopback's interface.
+
+Security: a shared token or per-client keys in call metadata (compared in constant time), TLS or mutual TLS from
+certificate files, 127.0.0.1 by default. Size: messages above `chunk_bytes` travel as a stream of chunks; messages
+above `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving. Retries: the client
+retries UNAVAILABLE with exponential backoff; step ids make a retried step idempotent on the server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from qtllava.wire import split_pb2_grpc
+from qtllava.wire.messages import MESSAGE_TYPES, Traffic, WireError, pb
+
+__all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError"]
+
+log = logging.getLogger(__name__)
+
+AUTH_KEY = "authorization"
+CLIENT_KEY = "x-qtllava-client"
+
+
+@dataclass
+class ServerOptions:
+    listen: str = "127.0.0.1:50551"
+    tokens: dict[str, str] = field(default_factory=dict)  # client name -> token; {"*": t} = one shared token
+    tls_cert: str = ""  # server certificate chain (PEM file)
+    tls_key: str = ""  # server private key (PEM file)
+    client_ca: str = ""  # set: mutual TLS, clients must present a certificate signed by this CA
+    max_message_bytes: int = 64 * 1024 * 1024
+    workers: int = 8
+
+
+@dataclass
+class ClientOptions:
+    target: str = "127.0.0.1:50551"
+    token: str = ""
+    client_name: str = "client"
+    tls_ca: str = ""  # CA that signed the server certificate (PEM file); set: use TLS
+    tls_cert: str = ""  # client certificate for mutual TLS
+    tls_key: str = ""
+    server_name: str = ""  # TLS name override (e.g. "localhost" for a test certificate)
+    max_message_bytes: int = 64 * 1024 * 1024
+    chunk_bytes: int = 1024 * 1024
+    retry_seconds: float = 60.0  # give up after this long without a server
+    timeout_seconds: float = 600.0
+
+
+class RemoteError(RuntimeError):
+    """The server refused a call; `code` is the grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+_STATUS = {name: getattr(grpc.StatusCode, name) for name in
+           ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+            "NOT_FOUND", "INTERNAL")}
+
+
+def _read(path: str) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"certificate or key file not found: {path}")
+    return p.read_bytes()
+
+
+class _Servicer(split_pb2_grpc.SplitServicer):
+    def __init__(self, handler, options: ServerOptions):
+        self.handler = handler
+        self.options = options
+
+    def _authorize(self, context) -> None:
+        tokens = self.options.tokens
+        if not tokens:
+            return
+        md = dict(context.invocation_metadata())
+        given = md.get(AUTH_KEY, "")
+        name = md.get(CLIENT_KEY, "")
+        expected = tokens.get(name, tokens.get("*"))
+        presented = given.removeprefix("Bearer ").encode()
+        # Compare against a dummy of equal type when the client is unknown, so timing does not tell names apart.
+        ok = hmac.compare_digest(presented, (expected or "\0invalid").encode())
+        if not ok or expected is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad or missing token for client {name!r}")
+
+    def _call(self, kind: str, request, context):
+        self._authorize(context)
+        try:
+            return getattr(self.handler, kind)(request)
+        except Exception as e:  # map every refusal to a status; the server keeps serving
+            code = getattr(e, "code", None)
+            status = _STATUS.get(code, None) if isinstance(code, str) else None
+            if status is None:
+                status = grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, (ValueError, WireError)) \
+                    else grpc.StatusCode.INTERNAL
+            if status == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", kind)
+            context.abort(status, str(e))
+
+    def Handshake(self, request, context):
+        return self._call("handshake", request, context)
+
+    def Step(self, request, context):
+        return self._call("step", request, context)
+
+    def Generate(self, request, context):
+        return self._call("generate", request, context)
+
+    def Checkpoint(self, request, context):
+        return self._call("checkpoint", request, context)
+
+    def Close(self, request, context):
+        return self._call("close", request, context)
+
+    def StepStream(self, request_iterator, context):
+        self._authorize(context)
+        parts: list[bytes] = []
+        total = 0
+        count = None
+        for chunk in request_iterator:
+            if chunk.kind != "step":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected chunk kind {chunk.kind!r}")
+            if count is None:
+                count = chunk.count
+            if chunk.index != len(parts) or chunk.count != count:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"chunk {chunk.index}/{chunk.count} out of order (expected {len(parts)}/{count})")
+            total += len(chunk.data)
+            if total > self.options.max_message_bytes:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"streamed message exceeds {self.options.max_message_bytes} bytes")
+            parts.append(chunk.data)
+            if len(parts) == count:
+                break
+        if count is None or len(parts) != count:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the last chunk")
+        try:
+            request = pb.StepRequest.FromString(b"".join(parts))
+        except Exception as e:  # protobuf's DecodeError
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed StepRequest: {e}")
+        reply = self._call("step", request, context).SerializeToString()
+        size = 1 << 20
+        n = max(1, -(-len(reply) // size))
+        for i in range(n):
+            yield pb.Chunk(kind="step_reply", index=i, count=n, data=reply[i * size:(i + 1) * size])
+
+
+def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
+    """Start serving `handler`; returns (server, bound port). Call `server.stop(grace)` to end."""
+    limit = options.max_message_bytes
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers),
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", limit)])
+    split_pb2_grpc.add_SplitServicer_to_server(_Servicer(handler, options), server)
+    if options.tls_cert:
+        creds = grpc.ssl_server_credentials(
+            [(_read(options.tls_key), _read(options.tls_cert))],
+            root_certificates=_read(options.client_ca) if options.client_ca else None,
+            require_client_auth=bool(options.client_ca))
+        port = server.add_secure_port(options.listen, creds)
+    else:
+        port = server.add_insecure_port(options.listen)
+    if port == 0:
+        raise OSError(f"could not bind {options.listen}")
+    server.start()
+    log.info("serving on %s (port %d, tls=%s, mtls=%s, auth=%s)", options.listen, port, bool(options.tls_cert),
+             bool(options.client_ca), bool(options.tokens))
+    return server, port
+
+
+class GrpcLink:
+    """Client side of the gRPC transport; same methods and traffic ledger as `LoopbackLink`."""
+
+    def __init__(self, options: ClientOptions, traffic: Traffic | None = None):
+        self.options = options
+        self.traffic = traffic if traffic is not None else Traffic()
+        self._channel = None
+        self._stub = None
+
+    def _connect(self):
+        if self._stub is not None:
+            return self._stub
+        o = self.options
+        chan_opts = [("grpc.max_receive_message_length", o.max_message_bytes),
+                     ("grpc.max_send_message_length", o.max_message_bytes)]
+        if o.server_name:
+            chan_opts.append(("grpc.ssl_target_name_override", o.server_name))
+        if o.tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(o.tls_ca),
+                private_key=_read(o.tls_key) if o.tls_key else None,
+                certificate_chain=_read(o.tls_cert) if o.tls_cert else None)
+            self._channel = grpc.secure_channel(o.target, creds, options=chan_opts)
+        else:
+            self._channel = grpc.insecure_channel(o.target, options=chan_opts)
+        self._stub = split_pb2_grpc.SplitStub(self._channel)
+        return self._stub
+
+    def _metadata(self):
+        md = [(CLIENT_KEY, self.options.client_name)]
+        if self.options.token:
+            md.append((AUTH_KEY, f"Bearer {self.options.token}"))
+        return md
+
+    def _with_retry(self, fn):
+        deadline = time.monotonic() + self.options.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    log.warning("server unavailable (%s); retrying in %.1f s", e.details(), delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                raise RemoteError(code, e.details() or "") from None
+
+    def call(self, kind: str, request: Any) -> Any:
+        req_type, reply_type = MESSAGE_TYPES[kind]
+        size = request.ByteSize()
+        stub = self._connect()
+        if kind == "step" and size > self.options.chunk_bytes:
+            data = request.SerializeToString()
+            reply = self._with_retry(lambda: self._stream_step(stub, data))
+        else:
+            method = {"handshake": stub.Handshake, "step": stub.Step, "generate": stub.Generate,
+                      "checkpoint": stub.Checkpoint, "close": stub.Close}[kind]
+            reply = self._with_retry(lambda: method(request, metadata=self._metadata(),
+                                                    timeout=self.options.timeout_seconds))
+        self.traffic.record("up", kind, size)
+        self.traffic.record("down", kind, reply.ByteSize())
+        return reply
+
+    def _stream_step(self, stub, data: bytes):
+        size = self.options.chunk_bytes
+        n = max(1, -(-len(data) // size))
+        chunks = (pb.Chunk(kind="step", index=i, count=n, data=data[i * size:(i + 1) * size]) for i in range(n))
+        parts = [c.data for c in stub.StepStream(chunks, metadata=self._metadata(),
+                                                  timeout=self.options.timeout_seconds)]
+        return pb.StepReply.FromString(b"".join(parts))
+
+    def handshake(self, request):
+        return self.call("handshake", request)
+
+    def step(self, request):
+        return self.call("step", request)
+
+    def generate(self, request):
+        return self.call("generate", request)
+
+    def checkpoint(self, request):
+        return self.call("checkpoint", request)
+
+    def close(self, request):
+        return self.call("close", request)
+
+    def shutdown(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = self._stub = None
