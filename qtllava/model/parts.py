@@ -1,0 +1,346 @@
+"""The two halves of the split model and the factory that builds them.
+
+Client: vision tower -> connector -> splice into token embeddings -> take image rows and non-pad text rows ->
+one codec per modality -> packets. Server: packets -> dequantize -> codec decoders -> rows put back by the layout ->
+decoder stack -> LM head -> loss. The server's LLM has no token-embedding table: the client owns it.
+
+Each part saves to its own folder (`config.json` + `model.safetensors`) and can be rebuilt from that folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from qtllava.compress import ClientCodec, Encoded, Packet, ServerCodec, build_codec
+from qtllava.config import Config, from_dict, to_dict
+from qtllava.model.connector import build_connector
+from qtllava.model.layout import Layout
+from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
+from qtllava.model.vision import VISION_KINDS, VisionTower, build_vision_tower
+
+__all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts",
+           "CONFIG_NAME", "WEIGHTS_NAME", "IGNORE_INDEX"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+IGNORE_INDEX = -100
+_FORMAT = "qtllava-part"
+_FORMAT_VERSION = 1
+
+
+class ClientOutput(NamedTuple):
+    """What the client sends for one batch: the layout and one encoded packet per modality."""
+
+    layout: Layout
+    image: Encoded  # image rows, (n_images * num_image_tokens, D) before the codec, row-major over the batch
+    text: Encoded  # non-pad text rows, (n_text, D) before the codec, row-major over the batch
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of both codecs' auxiliary losses (distortion, rate), scalar."""
+        return self.image.aux_loss + self.text.aux_loss
+
+
+class ServerOutput(NamedTuple):
+    loss: torch.Tensor | None  # mean cross-entropy over label tokens (nats); None without labels
+    logits: torch.Tensor | None  # (B, T, V), or None when only the loss was asked for
+    n_tokens: int  # label tokens that entered the loss
+
+
+# --- client ---------------------------------------------------------------------------------------------------
+
+
+class ClientPart(nn.Module):
+    """Vision tower + connector + the LLM's token-embedding table + the client halves of both codecs."""
+
+    def __init__(self, cfg: Config, vision_tower: VisionTower, embed_tokens: nn.Embedding, image_token_id: int,
+                 image_codec: ClientCodec | None = None, text_codec: ClientCodec | None = None):
+        super().__init__()
+        if not 0 <= image_token_id < embed_tokens.num_embeddings:
+            raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary "
+                             f"({embed_tokens.num_embeddings} rows)")
+        self.cfg = cfg
+        self.image_token_id = int(image_token_id)
+        dim = embed_tokens.embedding_dim
+        self.vision_tower = vision_tower
+        self.connector = build_connector(cfg.connector, vision_tower.hidden_size, dim)
+        self.embed_tokens = embed_tokens
+        self.image_codec = image_codec if image_codec is not None else build_codec(cfg.compress.image, dim)[0]
+        self.text_codec = text_codec if text_codec is not None else build_codec(cfg.compress.text, dim)[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_tokens.embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embed_tokens.num_embeddings
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (n, 3, H, W) -> connector output (n, num_image_tokens, D)."""
+        return self.connector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """input_ids (B, T) with one `image_token_id` per image token -> inputs_embeds (B, T, D).
+
+        The HF-LLaVA splice: token embeddings, then the images' features scattered in row-major order into the
+        image-token positions. Raises ValueError when positions and features differ in number.
+        """
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_pos = int(is_image.sum())
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        n_feat = n_images * self.vision_tower.num_tokens
+        if n_pos != n_feat:
+            raise ValueError(f"image tokens and image features do not match: {n_pos} image-token positions, "
+                             f"{n_images} images x {self.vision_tower.num_tokens} tokens = {n_feat} features")
+        if n_images == 0:
+            return embeds
+        feats = self.image_features(pixel_values).to(embeds.dtype)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), feats)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> ClientOutput:
+        """input_ids, attention_mask (B, T); pixel_values (n, 3, H, W) -> layout + one Encoded per modality.
+
+        Padding rows are never encoded or sent.
+        """
+        layout = Layout.from_batch(input_ids, attention_mask, self.image_token_id)
+        n_img_pos = int((input_ids == self.image_token_id).sum())
+        if layout.n_image != n_img_pos:
+            raise ValueError(f"{n_img_pos - layout.n_image} image-token positions lie under attention_mask 0")
+        embeds = self.embed(input_ids, pixel_values)
+        image = self.image_codec(embeds[layout.image_mask])
+        text = self.text_codec(embeds[layout.text_mask])
+        return ClientOutput(layout, image, text)
+
+    def embed_text_rows(self, token_ids: torch.Tensor) -> Encoded:
+        """token_ids (B,) or (B, k) -> the text codec's encoding of their embeddings, rows (B*k, D) row-major."""
+        return self.text_codec(self.embed_tokens(token_ids.reshape(-1)))
+
+    # --- save / load --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` (tower, connector, embeddings, client codecs) to `path`."""
+        meta = _meta("client", self.cfg, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                     image_token_id=self.image_token_id, vision_config=self.vision_tower.model.config.to_dict())
+        _save(self, Path(path), meta)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ClientPart":
+        """Rebuild a client part from a folder written by `save_pretrained` (no other files are read)."""
+        path = Path(path)
+        meta = _load_meta(path, "client")
+        cfg = from_dict(meta["config"], base=Config())
+        kind = VISION_KINDS[cfg.vision.kind]
+        hf = kind.config_class.from_dict(meta["vision_config"])
+        hf._attn_implementation = "sdpa"
+        tower = VisionTower(cfg.vision, kind.model_class(hf))
+        embed = nn.Embedding(meta["vocab_size"], meta["hidden_size"])
+        part = cls(cfg, tower, embed, meta["image_token_id"])
+        load_model(part, str(path / WEIGHTS_NAME), strict=True)
+        return part
+
+
+# --- server ---------------------------------------------------------------------------------------------------
+
+
+class NoTokenEmbedding(nn.Module):
+    """Stands in for the LLM's input-embedding table on the server, which only ever receives `inputs_embeds`.
+
+    It holds no parameters (so the server neither stores nor saves the vocabulary's embeddings) and raises if
+    anything tries to embed token ids.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the server part has no token-embedding table (the client owns it); pass inputs_embeds")
+
+
+class ServerPart(nn.Module):
+    """Server halves of both codecs + the LLM's decoder stack and LM head (its embedding table is removed)."""
+
+    def __init__(self, cfg: Config, llm: PreTrainedModel, image_codec: ServerCodec | None = None,
+                 text_codec: ServerCodec | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dim = int(llm.config.hidden_size)
+        embed = llm.get_input_embeddings()
+        head = llm.get_output_embeddings()
+        if isinstance(embed, nn.Embedding):
+            if head.weight is embed.weight:  # tied head: give the server its own copy, the client keeps the table
+                head.weight = nn.Parameter(head.weight.detach().clone())
+            llm.set_input_embeddings(NoTokenEmbedding(embed.num_embeddings, embed.embedding_dim))
+        llm.config.tie_word_embeddings = False
+        self.llm = llm
+        self.image_codec = image_codec if image_codec is not None else build_codec(cfg.compress.image, dim)[1]
+        self.text_codec = text_codec if text_codec is not None else build_codec(cfg.compress.text, dim)[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.llm.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.config.vocab_size)
+
+    def dequantize(self, image: Packet, text: Packet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both packets -> their values (rows, d_code) as the client's `Encoded.values` hold them."""
+        return self.image_codec.dequantize(image), self.text_codec.dequantize(text)
+
+    def assemble(self, image_values: torch.Tensor, text_values: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Decode both modalities and put the rows back where `layout` says; zeros at pads. -> (B, T, D)."""
+        if image_values.shape[0] != layout.n_image or text_values.shape[0] != layout.n_text:
+            raise ValueError(f"rows do not match the layout: {image_values.shape[0]} image rows for "
+                             f"{layout.n_image} image positions, {text_values.shape[0]} text rows for "
+                             f"{layout.n_text} text positions")
+        dtype = self.llm.get_output_embeddings().weight.dtype
+        image = self.image_codec(image_values).to(dtype)
+        text = self.text_codec(text_values).to(dtype)
+        b, t = layout.shape
+        out = text.new_zeros(b, t, self.hidden_size)
+        out = out.masked_scatter(layout.image_mask.unsqueeze(-1), image)
+        return out.masked_scatter(layout.text_mask.unsqueeze(-1), text)
+
+    def forward(self, image_values: torch.Tensor, text_values: torch.Tensor, layout: Layout,
+                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> ServerOutput:
+        """Causal-LM loss over `labels` (B, T) (shifted as in HF; IGNORE_INDEX positions are skipped).
+
+        Logits are returned without labels, or with `return_logits=True`; with labels only, the LM head runs on
+        the label positions alone.
+        """
+        embeds = self.assemble(image_values, text_values, layout)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
+                                position_ids=layout.position_ids).last_hidden_state
+        head = self.llm.get_output_embeddings()
+        want_logits = labels is None if return_logits is None else return_logits
+        logits = head(hidden) if want_logits else None
+        if labels is None:
+            return ServerOutput(None, logits, 0)
+        if labels.shape != layout.kinds.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match the layout {layout.shape}")
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        n_tokens = int(keep.sum())
+        pred = logits[:, :-1][keep] if logits is not None else head(hidden[:, :-1][keep])
+        loss = F.cross_entropy(pred.float(), target[keep], reduction="sum") / max(n_tokens, 1)
+        return ServerOutput(loss, logits, n_tokens)
+
+    # --- generation ---------------------------------------------------------------------------------------
+
+    def prefill(self, image_values: torch.Tensor, text_values: torch.Tensor,
+                layout: Layout) -> tuple[torch.Tensor, DynamicCache]:
+        """Run the (left-padded) prompt; -> (logits of the next token (B, V), KV cache)."""
+        if not layout.left_padded:
+            raise ValueError("generation needs left padding: some row ends with a pad position")
+        embeds = self.assemble(image_values, text_values, layout)
+        cache = DynamicCache(config=self.llm.config)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
+                             position_ids=layout.position_ids, cache=cache, use_cache=True)
+        return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1]), out.cache
+
+    def extend(self, text_values: torch.Tensor, cache: DynamicCache,
+               layout: Layout) -> tuple[torch.Tensor, DynamicCache]:
+        """Feed k new text rows per sequence; -> (logits of the next token (B, V), cache).
+
+        text_values: (B*k, d_code) row-major; layout: the whole sequence so far, the k new text columns included.
+        """
+        b, t = layout.shape
+        if text_values.shape[0] % b:
+            raise ValueError(f"{text_values.shape[0]} new text rows do not split over {b} sequences")
+        k = text_values.shape[0] // b
+        past = cache.get_seq_length()
+        if past + k != t:
+            raise ValueError(f"layout has {t} positions, cache holds {past} and {k} new rows were sent")
+        if not bool(layout.text_mask[:, t - k:].all()):
+            raise ValueError(f"the last {k} layout columns must be text")
+        dtype = self.llm.get_output_embeddings().weight.dtype
+        embeds = self.text_codec(text_values).to(dtype).reshape(b, k, self.hidden_size)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
+                             position_ids=layout.position_ids[:, t - k:], cache=cache, use_cache=True)
+        return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1]), out.cache
+
+    # --- save / load --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` (decoder, LM head, server codecs) to `path`."""
+        meta = _meta("server", self.cfg, llm_config=self.llm.config.to_dict())
+        _save(self, Path(path), meta)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ServerPart":
+        """Rebuild a server part from a folder written by `save_pretrained` (no other files are read)."""
+        path = Path(path)
+        meta = _load_meta(path, "server")
+        cfg = from_dict(meta["config"], base=Config())
+        llm_cfg = meta["llm_config"]
+        model_type = llm_cfg.get("model_type", "")
+        if model_type not in LLM_KINDS:
+            raise ValueError(f"{path / CONFIG_NAME}: unknown LLM model_type {model_type!r}")
+        hf = LLM_KINDS[model_type].config_class.from_dict(llm_cfg)
+        # The random table built here is dropped by the constructor at once; only the head and decoder load.
+        part = cls(cfg, llm_from_hf_config(hf))
+        load_model(part, str(path / WEIGHTS_NAME), strict=True)
+        return part
+
+
+# --- factory --------------------------------------------------------------------------------------------------
+
+
+def build_parts(cfg: Config, vocab_size: int, image_token_id: int,
+                dtype: torch.dtype | None = None) -> tuple[ClientPart, ServerPart]:
+    """Build both parts: random from the config sizes, or from the local folders in `vision.pretrained` and
+    `llm.pretrained` (loaded in `dtype`, default torch's default dtype).
+
+    The LLM's input-embedding table moves to the client; a tied LM head is untied (the server keeps a copy).
+    """
+    tower = build_vision_tower(cfg.vision, dtype)
+    llm = build_llm(cfg.llm, vocab_size, dtype)
+    embed = llm.get_input_embeddings()
+    dim = int(llm.config.hidden_size)
+    image_client, image_server = build_codec(cfg.compress.image, dim)
+    text_client, text_server = build_codec(cfg.compress.text, dim)
+    server = ServerPart(cfg, llm, image_server, text_server)
+    client = ClientPart(cfg, tower, embed, image_token_id, image_client, text_client)
+    return client, server
+
+
+# --- files ----------------------------------------------------------------------------------------------------
+
+
+def _meta(part: str, cfg: Config, **extra: Any) -> dict[str, Any]:
+    return {"format": _FORMAT, "version": _FORMAT_VERSION, "part": part, "config": to_dict(cfg), **extra}
+
+
+def _save(module: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    save_model(module, str(path / WEIGHTS_NAME), metadata={"format": "pt", "qtllava_part": meta["part"]})
+
+
+def _load_meta(path: Path, part: str) -> dict[str, Any]:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} not found: not a saved qtllava {part} part")
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{str(path / WEIGHTS_NAME)!r} not found")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != _FORMAT or meta.get("part") != part:
+        raise ValueError(f"{str(file)!r} is not a qtllava {part} part (format {meta.get('format')!r}, "
+                         f"part {meta.get('part')!r})")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{str(file)!r}: part format version {meta.get('version')} not supported "
+                         f"(expected {_FORMAT_VERSION})")
+    return meta
