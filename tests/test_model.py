@@ -325,11 +325,16 @@ def test_kv_cache_equals_full_recompute():
         sent = client(**batch)
         logits, cache = server.prefill(sent.image.values, sent.text.values, sent.layout)
         layout, cached = sent.layout, [logits]
-        for _ in range(steps - 1):
+        for step in range(steps - 1):
             new = client.embed_text_rows(cached[-1].argmax(-1))
-            layout = layout.append(1)
-            logits, cache = server.extend(new.values, cache, layout)
+            if step % 2:  # the server accepts the layout with or without the new column
+                logits, cache = server.extend(new.values, cache, layout)
+                layout = layout.append_text()
+            else:
+                layout = layout.append_text()
+                logits, cache = server.extend(new.values, cache, layout)
             cached.append(logits)
+        assert cache.get_seq_length() == layout.shape[1] == batch["input_ids"].shape[1] + steps - 1
         # reference: the whole sequence again at each step
         ids, mask = batch["input_ids"], batch["attention_mask"]
         for step in range(steps):

@@ -51,7 +51,7 @@ def greedy_generate(client: ClientPart, server: ServerPart, batch: Mapping[str, 
             break
         # client: new token ids -> one text packet (finished rows keep feeding their argmax; it is discarded)
         new = client.embed_text_rows(next_ids)
-        layout = layout.append(1)
+        layout = layout.append_text()
         # server: packet -> values -> one more step on the cache
         logits, cache = server.extend(server.text_codec.dequantize(new.packet), cache, layout)
     return out

@@ -78,13 +78,13 @@ class Layout:
         """True when every row ends with a non-pad position (what generation needs)."""
         return bool((self.kinds[:, -1] != PAD).all()) if self.kinds.shape[1] else True
 
-    def append(self, k: int = 1, kind: int = TEXT) -> "Layout":
-        """A layout with `k` more columns of `kind` (a generation step adds one text column)."""
-        extra = torch.full((self.kinds.shape[0], k), kind, dtype=torch.uint8, device=self.kinds.device)
+    def append_text(self, k: int = 1) -> "Layout":
+        """A layout with `k` more text columns (each generation step adds one)."""
+        extra = torch.full((self.kinds.shape[0], k), TEXT, dtype=torch.uint8, device=self.kinds.device)
         return Layout(torch.cat([self.kinds, extra], dim=1))
 
     def to(self, device: torch.device | str) -> "Layout":
-        return Layout(self.kinds.to(device))
+        return self if self.kinds.device == torch.device(device) else Layout(self.kinds.to(device))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Layout) and self.kinds.shape == other.kinds.shape and bool(

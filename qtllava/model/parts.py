@@ -26,7 +26,7 @@ from qtllava.model.layout import Layout
 from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
 from qtllava.model.vision import VISION_KINDS, VisionTower, build_vision_tower
 
-__all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts",
+__all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts", "Layout",
            "CONFIG_NAME", "WEIGHTS_NAME", "IGNORE_INDEX"]
 
 CONFIG_NAME = "config.json"
@@ -124,7 +124,7 @@ class ClientPart(nn.Module):
 
     def embed_text_rows(self, token_ids: torch.Tensor) -> Encoded:
         """token_ids (B,) or (B, k) -> the text codec's encoding of their embeddings, rows (B*k, D) row-major."""
-        return self.text_codec(self.embed_tokens(token_ids.reshape(-1)))
+        return self.text_codec(self.embed_tokens(token_ids.reshape(-1).to(self.embed_tokens.weight.device)))
 
     # --- save / load --------------------------------------------------------------------------------------
 
@@ -196,9 +196,13 @@ class ServerPart(nn.Module):
     def vocab_size(self) -> int:
         return int(self.llm.config.vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_output_embeddings().weight.device
+
     def dequantize(self, image: Packet, text: Packet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both packets -> their values (rows, d_code) as the client's `Encoded.values` hold them."""
-        return self.image_codec.dequantize(image), self.text_codec.dequantize(text)
+        """Both packets -> their values (rows, d_code) on this part's device, as the client's `Encoded.values`."""
+        return self.image_codec.dequantize(image).to(self.device), self.text_codec.dequantize(text).to(self.device)
 
     def assemble(self, image_values: torch.Tensor, text_values: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Decode both modalities and put the rows back where `layout` says; zeros at pads. -> (B, T, D)."""
@@ -209,6 +213,7 @@ class ServerPart(nn.Module):
         dtype = self.llm.get_output_embeddings().weight.dtype
         image = self.image_codec(image_values).to(dtype)
         text = self.text_codec(text_values).to(dtype)
+        layout = layout.to(text.device)
         b, t = layout.shape
         out = text.new_zeros(b, t, self.hidden_size)
         out = out.masked_scatter(layout.image_mask.unsqueeze(-1), image)
@@ -222,6 +227,7 @@ class ServerPart(nn.Module):
         the label positions alone.
         """
         embeds = self.assemble(image_values, text_values, layout)
+        layout = layout.to(embeds.device)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
                                 position_ids=layout.position_ids).last_hidden_state
         head = self.llm.get_output_embeddings()
@@ -231,7 +237,7 @@ class ServerPart(nn.Module):
             return ServerOutput(None, logits, 0)
         if labels.shape != layout.kinds.shape:
             raise ValueError(f"labels {tuple(labels.shape)} do not match the layout {layout.shape}")
-        target = labels[:, 1:]
+        target = labels[:, 1:].to(embeds.device)
         keep = target != IGNORE_INDEX
         n_tokens = int(keep.sum())
         pred = logits[:, :-1][keep] if logits is not None else head(hidden[:, :-1][keep])
@@ -246,6 +252,7 @@ class ServerPart(nn.Module):
         if not layout.left_padded:
             raise ValueError("generation needs left padding: some row ends with a pad position")
         embeds = self.assemble(image_values, text_values, layout)
+        layout = layout.to(embeds.device)
         cache = DynamicCache(config=self.llm.config)
         out = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
                              position_ids=layout.position_ids, cache=cache, use_cache=True)
@@ -255,19 +262,25 @@ class ServerPart(nn.Module):
                layout: Layout) -> tuple[torch.Tensor, DynamicCache]:
         """Feed k new text rows per sequence; -> (logits of the next token (B, V), cache).
 
-        text_values: (B*k, d_code) row-major; layout: the whole sequence so far, the k new text columns included.
+        text_values: (B*k, d_code) row-major. layout: the sequence so far, either with the k new text columns
+        already appended (`layout.append_text(k)`) or without them (they are then appended here); the cache
+        length tells the two apart.
         """
         b, t = layout.shape
         if text_values.shape[0] % b:
             raise ValueError(f"{text_values.shape[0]} new text rows do not split over {b} sequences")
         k = text_values.shape[0] // b
         past = cache.get_seq_length()
+        if t == past:
+            layout = layout.append_text(k)
+            t += k
         if past + k != t:
             raise ValueError(f"layout has {t} positions, cache holds {past} and {k} new rows were sent")
         if not bool(layout.text_mask[:, t - k:].all()):
             raise ValueError(f"the last {k} layout columns must be text")
         dtype = self.llm.get_output_embeddings().weight.dtype
         embeds = self.text_codec(text_values).to(dtype).reshape(b, k, self.hidden_size)
+        layout = layout.to(embeds.device)
         out = self.llm.model(inputs_embeds=embeds, attention_mask=layout.attention_mask,
                              position_ids=layout.position_ids[:, t - k:], cache=cache, use_cache=True)
         return self.llm.get_output_embeddings()(out.last_hidden_state[:, -1]), out.cache
