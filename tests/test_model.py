@@ -134,6 +134,9 @@ def test_loss_only_path_equals_full_logits():
     labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     with torch.no_grad():
         sent = client(**batch)
+        n_text = int(((batch["input_ids"] != IMG) & (batch["attention_mask"] == 1)).sum())
+        assert sent.text.packet.shape == (n_text, cfg.llm.hidden_size)  # pad rows are never sent
+        assert sent.image.packet.shape == (2 * cfg.vision.num_image_tokens, cfg.llm.hidden_size)
         a = server(sent.image.values, sent.text.values, sent.layout, labels)
         b = server(sent.image.values, sent.text.values, sent.layout, labels, return_logits=True)
     assert a.logits is None and b.logits.shape == (2, labels.shape[1], VOCAB)

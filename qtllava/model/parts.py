@@ -24,7 +24,7 @@ from qtllava.config import Config, from_dict, to_dict
 from qtllava.model.connector import build_connector
 from qtllava.model.layout import Layout
 from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
-from qtllava.model.vision import VISION_KINDS, VisionTower, build_vision_tower
+from qtllava.model.vision import VisionTower, build_vision_tower
 
 __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts", "Layout",
            "CONFIG_NAME", "WEIGHTS_NAME", "IGNORE_INDEX"]
@@ -140,10 +140,7 @@ class ClientPart(nn.Module):
         path = Path(path)
         meta = _load_meta(path, "client")
         cfg = from_dict(meta["config"], base=Config())
-        kind = VISION_KINDS[cfg.vision.kind]
-        hf = kind.config_class.from_dict(meta["vision_config"])
-        hf._attn_implementation = "sdpa"
-        tower = VisionTower(cfg.vision, kind.model_class(hf))
+        tower = VisionTower.from_hf_config(cfg.vision, meta["vision_config"])
         embed = nn.Embedding(meta["vocab_size"], meta["hidden_size"])
         part = cls(cfg, tower, embed, meta["image_token_id"])
         load_model(part, str(path / WEIGHTS_NAME), strict=True)

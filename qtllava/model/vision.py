@@ -17,7 +17,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, P
 
 from qtllava.config import VisionConfig
 
-__all__ = ["VisionKind", "VISION_KINDS", "VisionTower", "build_vision_tower", "vision_hf_config"]
+__all__ = ["VisionKind", "VISION_KINDS", "VisionTower", "build_vision_tower", "vision_hf_config", "ATTN_IMPLEMENTATION"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,10 @@ def _kind(name: str) -> VisionKind:
     return VISION_KINDS[name]
 
 
-def vision_hf_config(cfg: VisionConfig, attn_implementation: str = "sdpa") -> PretrainedConfig:
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+def vision_hf_config(cfg: VisionConfig, attn_implementation: str = ATTN_IMPLEMENTATION) -> PretrainedConfig:
     """The transformers config of a randomly initialised tower with the sizes in `cfg`."""
     kind = _kind(cfg.kind)
     extra: dict[str, Any] = {"vision_use_head": False} if cfg.kind == "siglip" else {}  # the pooling head is unused
@@ -80,6 +83,14 @@ class VisionTower(nn.Module):
                              f"{model.config.image_size}, patch_size {model.config.patch_size}) but the config says "
                              f"{cfg.num_image_tokens} (image_size {cfg.image_size}, patch_size {cfg.patch_size})")
 
+    @classmethod
+    def from_hf_config(cls, cfg: VisionConfig, hf_config: dict[str, Any]) -> "VisionTower":
+        """A randomly initialised tower with the architecture in `hf_config` (a transformers config as a dict)."""
+        kind = _kind(cfg.kind)
+        config = kind.config_class.from_dict(hf_config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        return cls(cfg, kind.model_class(config))
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
@@ -91,7 +102,8 @@ class VisionTower(nn.Module):
         if not path.is_dir():
             raise FileNotFoundError(f"vision tower folder {str(path)!r} (vision.pretrained) does not exist")
         model = _kind(cfg.kind).model_class.from_pretrained(
-            str(path), local_files_only=True, dtype=dtype or torch.get_default_dtype(), attn_implementation="sdpa")
+            str(path), local_files_only=True, dtype=dtype or torch.get_default_dtype(),
+            attn_implementation=ATTN_IMPLEMENTATION)
         return cls(cfg, model)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
