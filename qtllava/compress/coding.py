@@ -1,0 +1,450 @@
+"""Lossless coding of quantization indices: fixed-width packing (`pack`) and ANS entropy coding (`ans`).
+
+Pure functions over numpy arrays; nothing here knows about torch or packets.
+
+`pack`: every index takes ceil(log2 L) bits, little-endian bit order (element i occupies bits [i*b, (i+1)*b) of
+the stream), zero-padded to a whole byte.
+
+`ans`: constriction's ANS stack with categorical models. The model travels in the side information of the packet
+(stateless packets: each one decodes alone, retries are idempotent, and a lost or reordered packet cannot desync the
+two sides), so its bytes are counted exactly. The side information starts with one mode byte:
+
+    0 = raw:     payload is the `pack` bytes (chosen when entropy coding would not be smaller, e.g. one element)
+    1 = const:   every index equals one symbol; payload empty; side = [mode, symbol]
+    2 = pooled:  one model for all indices; side = [mode] + model
+    3 = grouped: channels (last axis) fall into G groups with one model each;
+                 side = [mode, G] + assignment (C x ceil(log2 G) bits, packed) + G models
+
+A model is [lo, hi, p] (three bytes) followed by the counts of symbols lo..hi quantized to p bits each (packed). The
+precision p is chosen per model to minimise (bits of the data under the quantized model + bits of the model). The
+grouped mode is used only where it pays after counting its assignment and models (estimated before coding); the
+chosen coding is then compared with `pack` on exact sizes and the smaller one is sent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import constriction
+
+__all__ = [
+    "CodingError",
+    "index_bits",
+    "pack_indices",
+    "unpack_indices",
+    "ans_encode",
+    "ans_decode",
+    "empirical_entropy",
+    "histogram",
+]
+
+MODE_RAW, MODE_CONST, MODE_POOLED, MODE_GROUPED = 0, 1, 2, 3
+_MAX_PRECISION = 16  # bits per quantized count; constriction's categorical models use 24-bit probabilities
+_GROUP_CHOICES = (2, 4, 8, 16, 32)
+_LLOYD_STEPS = 6
+_SAMPLE_ELEMENTS = 1 << 17  # rows sampled to decide whether channel groups may pay
+_GATE_GROUPS = 8
+_MAX_GROUPED_LEVELS = 32  # above this, one model per group costs too many side bytes to pay on one packet
+
+
+class CodingError(ValueError):
+    """Coded bytes are malformed (truncated, corrupt, or inconsistent with the declared count)."""
+
+
+def index_bits(levels: int) -> int:
+    """Bits per index of the fixed-width code for `levels` symbols: ceil(log2 L), at least 1."""
+    if not 2 <= levels <= 65536:
+        raise ValueError(f"levels must be in 2..65536, got {levels}")
+    return max(1, (levels - 1).bit_length())
+
+
+def _check_indices(idx: np.ndarray, levels: int) -> np.ndarray:
+    flat = np.ascontiguousarray(idx).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() >= levels):
+        raise ValueError(f"indices must lie in [0, {levels - 1}], got range [{flat.min()}, {flat.max()}]")
+    return flat
+
+
+def pack_indices(idx: np.ndarray, levels: int) -> bytes:
+    """Indices in [0, L) (any shape, any integer dtype) -> ceil(numel * b / 8) bytes, b = ceil(log2 L)."""
+    flat = _check_indices(idx, levels)
+    return _pack_bits(flat, index_bits(levels))
+
+
+def unpack_indices(data: bytes, levels: int, count: int) -> np.ndarray:
+    """Inverse of `pack_indices`: `count` indices as a flat array (uint8 for L <= 256, else uint16).
+
+    Raises CodingError if `data` does not have exactly the right length or holds an index >= L.
+    """
+    b = index_bits(levels)
+    need = (count * b + 7) // 8
+    if len(data) != need:
+        raise CodingError(f"packed indices: {count} x {b} bits need {need} bytes, got {len(data)}")
+    out = _unpack_bits(data, b, count)
+    if count and int(out.max()) >= levels:
+        raise CodingError(f"packed indices hold a value >= L = {levels}")
+    return out
+
+
+def _pack_bits(flat: np.ndarray, b: int) -> bytes:
+    n = flat.size
+    if n == 0:
+        return b""
+    if b == 8:
+        return flat.astype(np.uint8).tobytes()
+    if 8 % b == 0:  # 1, 2, 4 bits: several whole indices per byte
+        per = 8 // b
+        v = np.zeros(-(-n // per) * per, dtype=np.uint8)
+        v[:n] = flat
+        v = v.reshape(-1, per)
+        out = v[:, 0].copy()
+        for j in range(1, per):
+            out |= v[:, j] << np.uint8(j * b)
+        return out.tobytes()
+    if b < 8:  # 3, 5, 6, 7 bits: 8 indices fill exactly b bytes; build them in a 64-bit word
+        v = np.zeros(-(-n // 8) * 8, dtype=np.uint64)
+        v[:n] = flat
+        weights = np.uint64(1) << (np.arange(8, dtype=np.uint64) * np.uint64(b))
+        word = v.reshape(-1, 8) @ weights  # exact: at most 56 bits
+        out = word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :b].reshape(-1)
+        return out[: (n * b + 7) // 8].tobytes()
+    if b == 16:
+        return flat.astype("<u2").tobytes()
+    # 9..15 bits (entropy-model counts, L > 256): expand to bits, then pack (little-endian bit order)
+    shifts = np.arange(b, dtype=np.uint16)
+    bits = ((flat.astype(np.uint16)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: bytes, b: int, count: int) -> np.ndarray:
+    dtype = np.uint8 if b <= 8 else np.uint16
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if b == 8:
+        return raw.copy()
+    if 8 % b == 0:
+        per = 8 // b
+        mask = np.uint8((1 << b) - 1)
+        out = np.empty((raw.size, per), dtype=np.uint8)
+        for j in range(per):
+            out[:, j] = (raw >> np.uint8(j * b)) & mask
+        return out.reshape(-1)[:count]
+    if b < 8:
+        chunks = -(-count // 8)
+        buf = np.zeros(chunks * b, dtype=np.uint8)
+        buf[: raw.size] = raw[: chunks * b]
+        wide = np.zeros((chunks, 8), dtype=np.uint8)
+        wide[:, :b] = buf.reshape(chunks, b)
+        word = wide.reshape(-1).view("<u8")
+        shifts = np.arange(8, dtype=np.uint64) * np.uint64(b)
+        out = ((word[:, None] >> shifts) & np.uint64((1 << b) - 1)).astype(np.uint8)
+        return out.reshape(-1)[:count]
+    if b == 16:
+        return np.frombuffer(data, dtype="<u2").astype(np.uint16)
+    bits = np.unpackbits(raw, bitorder="little")[: count * b].reshape(count, b).astype(dtype)
+    weights = (np.ones(1, dtype=dtype) << np.arange(b, dtype=dtype)).astype(dtype)
+    return (bits * weights).sum(axis=1, dtype=dtype)
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+def histogram(idx: np.ndarray, levels: int) -> np.ndarray:
+    """Counts of each symbol 0..L-1 (int64, length L)."""
+    flat = np.ascontiguousarray(idx).reshape(-1)
+    if levels <= 8 and flat.dtype == np.uint8:  # a few compare-and-count passes beat bincount here
+        return np.array([np.count_nonzero(flat == k) for k in range(levels)], dtype=np.int64)
+    return np.bincount(flat, minlength=levels)[:levels].astype(np.int64)
+
+
+def empirical_entropy(idx_or_counts: np.ndarray, levels: int | None = None) -> float:
+    """Empirical entropy in bits per element: of an index array (pass `levels`), or of a count vector (levels=None)."""
+    counts = histogram(idx_or_counts, levels) if levels is not None else np.asarray(idx_or_counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+# --- entropy models ----------------------------------------------------------------------------------------
+
+
+def _model_bytes(k: int, p: int) -> int:
+    """Bytes of one serialized model over k symbols at p bits per count: [lo, hi, p] + packed counts."""
+    return 3 + (k * p + 7) // 8
+
+
+def _fit_model(counts: np.ndarray) -> tuple[int, int, int, np.ndarray, float]:
+    """Best quantized model for one count vector: (lo, hi, p, qcounts, estimated bits of data + model).
+
+    Counts of symbols lo..hi are scaled so the largest is 2^p - 1 (every seen symbol keeps at least 1); p in 1..16
+    is picked to minimise the cross-entropy of the data under the quantized model plus the model's own bits.
+    """
+    nz = np.flatnonzero(counts)
+    lo, hi = int(nz[0]), int(nz[-1])
+    c = np.asarray(counts[lo:hi + 1], dtype=np.float64)
+    k = c.size
+    ps = np.arange(1, _MAX_PRECISION + 1)
+    q = np.rint(c[None, :] * (((1 << ps) - 1) / c.max())[:, None])
+    q = np.where(c > 0, np.maximum(q, 1.0), 0.0)
+    pr = q / q.sum(1, keepdims=True)
+    data_bits = -(c * np.log2(np.where(c > 0, pr, 1.0))).sum(1)
+    total = data_bits + 8 * ((k * ps + 7) // 8 + 3)
+    i = int(np.argmin(total))
+    return lo, hi, int(ps[i]), q[i].astype(np.int64), float(total[i])
+
+
+def _write_model(lo: int, hi: int, p: int, q: np.ndarray) -> bytes:
+    return bytes((lo, hi, p)) + _pack_bits(q, p)
+
+
+def _read_model(side: bytes, pos: int, levels: int) -> tuple[int, int, np.ndarray, int]:
+    if pos + 3 > len(side):
+        raise CodingError("ans side information truncated inside a model header")
+    lo, hi, p = side[pos], side[pos + 1], side[pos + 2]
+    if not (lo <= hi < levels) or not 1 <= p <= _MAX_PRECISION:
+        raise CodingError(f"ans model header invalid (lo={lo}, hi={hi}, precision={p}, L={levels})")
+    k = hi - lo + 1
+    nb = (k * p + 7) // 8
+    if pos + 3 + nb > len(side):
+        raise CodingError("ans side information truncated inside a model's counts")
+    q = _unpack_bits(side[pos + 3:pos + 3 + nb], p, k).astype(np.float64)
+    if q.sum() <= 0:
+        raise CodingError("ans model has no probability mass")
+    return lo, hi, q, pos + 3 + nb
+
+
+def _categorical(q: np.ndarray):
+    return constriction.stream.model.Categorical(q / q.sum(), perfect=False)
+
+
+def _entropy_bits(counts: np.ndarray) -> np.ndarray:
+    """Total code length in bits of each row of a count matrix under its own empirical distribution."""
+    counts = np.atleast_2d(np.asarray(counts, dtype=np.float64))
+    tot = counts.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lg = np.where(counts > 0, np.log2(counts / np.maximum(tot, 1)), 0.0)
+    return -(counts * lg).sum(1)
+
+
+def _channel_counts(rows: np.ndarray, levels: int) -> np.ndarray:
+    """(rows, C) indices -> (C, L) counts per channel, in one bincount."""
+    c = rows.shape[1]
+    offs = rows.astype(np.int32) + np.arange(c, dtype=np.int32) * levels
+    return np.bincount(offs.reshape(-1), minlength=c * levels).reshape(c, levels)
+
+
+def _grouping_pays_on_sample(rows: np.ndarray, levels: int, max_groups: int, n_total: int) -> bool:
+    """Held-out test on a row sample: do channel groups fitted on even sample rows beat one pooled model on the odd
+    sample rows by more than the assignment and the extra models cost? (Cheap: a few thousand rows at most.)"""
+    step = max(1, rows.size // _SAMPLE_ELEMENTS)
+    fit, held = _channel_counts(rows[::2 * step], levels), _channel_counts(rows[step::2 * step], levels)
+    n_held = held.sum()
+    if n_held == 0:
+        return False
+    pooled = fit.sum(0) + 0.5
+    pooled_bits = -(held.sum(0) * np.log2(pooled / pooled.sum())).sum()
+    c = rows.shape[1]
+    g = min(_GATE_GROUPS, max_groups, c)  # one middle-sized grouping stands in for all (the full plan tries all)
+    assign = _lloyd_groups(fit, g)
+    g_counts = np.eye(int(assign.max()) + 1)[assign].T @ fit + 0.5
+    logp = np.log2(g_counts / g_counts.sum(1, keepdims=True))
+    grouped_bits = -(held * logp[assign]).sum()
+    side_bits = c * index_bits(g) + 8 * g * _model_bytes(levels, 10)
+    return bool((pooled_bits - grouped_bits) * (n_total / n_held) > side_bits)
+
+
+def _lloyd_groups(ch_counts: np.ndarray, groups: int) -> np.ndarray:
+    """Assign channels (rows of ch_counts, (C, L)) to `groups` models, minimising their code length (Lloyd)."""
+    c, levels = ch_counts.shape
+    key = (ch_counts * np.arange(levels)).sum(1) / np.maximum(ch_counts.sum(1), 1)
+    assign = np.empty(c, dtype=np.int64)
+    assign[np.argsort(key, kind="stable")] = (np.arange(c) * groups) // c  # quantiles of the mean index
+    eye = np.eye(groups)
+    for _ in range(_LLOYD_STEPS):
+        g_counts = eye[assign].T @ ch_counts
+        logp = np.log2((g_counts + 0.5) / (g_counts + 0.5).sum(1, keepdims=True))
+        new = np.argmin(-(ch_counts @ logp.T), axis=1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    _, assign = np.unique(assign, return_inverse=True)  # drop empty groups, keep order
+    return assign.reshape(-1)
+
+
+def _plan_grouped(ch_counts: np.ndarray, max_groups: int):
+    """Best channel grouping: (assign, fitted models, estimated bits incl. side information), or None."""
+    c, levels = ch_counts.shape
+    best = None
+    for g in _GROUP_CHOICES:
+        if g > max_groups or g > c:
+            break
+        assign = _lloyd_groups(ch_counts, g)
+        ng = int(assign.max()) + 1
+        if ng < 2:
+            continue
+        g_counts = np.eye(ng)[assign].T @ ch_counts
+        est = 16 + c * index_bits(ng) + _entropy_bits(g_counts).sum() + 8 * ng * _model_bytes(levels, 10)
+        if best is None or est < best[1]:
+            best = (assign, est)
+    if best is None:
+        return None
+    assign = best[0]
+    ng = int(assign.max()) + 1
+    g_counts = (np.eye(ng)[assign].T @ ch_counts).round().astype(np.int64)
+    models = [_fit_model(gc) for gc in g_counts]
+    return assign, models, 16 + c * index_bits(ng) + sum(m[4] for m in models)
+
+
+# --- ANS -----------------------------------------------------------------------------------------------------
+
+
+def ans_encode(idx: np.ndarray, levels: int, groups: int | str = "auto") -> tuple[bytes, bytes]:
+    """Entropy-code indices in [0, L) (L <= 256) with constriction's ANS -> (payload, side), both sent.
+
+    idx: any shape; for grouped models the last axis is the channel axis (rows x channels).
+    groups: "auto" (at most 32 groups) or an int G: channel groups (L <= 32 only) are tried only where a held-out
+            test on a row sample says they pay, and kept only if cheaper than one pooled model after counting the
+            assignment and models. 1 = pooled only.
+    """
+    if levels > 256:
+        raise ValueError(f"ans coding supports L <= 256, got {levels}")
+    idx = np.asarray(idx)
+    flat = _check_indices(idx, levels)
+    n = flat.size
+    raw_bits = n * index_bits(levels)
+    if n == 0:
+        return b"", bytes((MODE_RAW,))
+    max_groups = 32 if groups == "auto" else int(groups)
+    counts = plan = None
+    if idx.ndim >= 2 and max_groups > 1 and idx.shape[-1] >= 2 and levels <= _MAX_GROUPED_LEVELS:
+        rows = idx.reshape(-1, idx.shape[-1])
+        if rows.shape[0] >= 2 and _grouping_pays_on_sample(rows, levels, max_groups, n):
+            ch_counts = _channel_counts(rows, levels)
+            counts = ch_counts.sum(0)
+            plan = _plan_grouped(ch_counts, max_groups)
+    if counts is None:
+        counts = histogram(flat, levels)
+    nz = np.flatnonzero(counts)
+    if nz.size == 1:
+        return b"", bytes((MODE_CONST, int(nz[0])))
+    lo, hi, p, q, pooled_bits = _fit_model(counts)
+    if plan is not None and plan[2] < pooled_bits:
+        payload, side = _encode_grouped(idx.reshape(-1, idx.shape[-1]), plan[0], plan[1])
+    elif pooled_bits + 32 >= raw_bits:  # the coder's final state costs >= 32 bits: cannot beat `pack`
+        return _pack_bits(flat, index_bits(levels)), bytes((MODE_RAW,))
+    else:
+        coder = constriction.stream.stack.AnsCoder()
+        sym = flat.astype(np.int32)
+        if lo:
+            sym -= lo
+        coder.encode_reverse(sym, _categorical(q.astype(np.float64)))
+        payload = coder.get_compressed().astype("<u4").tobytes()
+        side = bytes((MODE_POOLED,)) + _write_model(lo, hi, p, q)
+    if len(payload) + len(side) >= (raw_bits + 7) // 8 + 1:
+        return _pack_bits(flat, index_bits(levels)), bytes((MODE_RAW,))
+    return payload, side
+
+
+def _encode_grouped(rows: np.ndarray, assign: np.ndarray, models: list) -> tuple[bytes, bytes]:
+    ng = len(models)
+    perm = np.argsort(assign, kind="stable")
+    sizes = np.bincount(assign, minlength=ng) * rows.shape[0]
+    data = np.ascontiguousarray(rows[:, perm].T, dtype=np.int32).reshape(-1)
+    ends = np.cumsum(sizes)
+    coder = constriction.stream.stack.AnsCoder()
+    for g in range(ng - 1, -1, -1):  # a stack: encode the last group first so that decoding runs forward
+        lo, hi, p, q, _ = models[g]
+        seg = data[ends[g] - sizes[g]:ends[g]]
+        if hi > lo:
+            coder.encode_reverse(seg - lo if lo else seg, _categorical(q.astype(np.float64)))
+    side = [bytes((MODE_GROUPED, ng)), _pack_bits(assign, index_bits(ng))]
+    side += [_write_model(lo, hi, p, q) for lo, hi, p, q, _ in models]
+    return coder.get_compressed().astype("<u4").tobytes(), b"".join(side)
+
+
+def ans_decode(payload: bytes, side: bytes, levels: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `ans_encode`: indices of `shape` (uint8 for L <= 256, else uint16). Raises CodingError."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if not side:
+        raise CodingError("ans side information is empty (no mode byte)")
+    mode = side[0]
+    dtype = np.uint8 if levels <= 256 else np.uint16
+    if mode == MODE_RAW:
+        if len(side) != 1:
+            raise CodingError(f"ans raw mode: side information has {len(side)} bytes, expected 1")
+        return unpack_indices(payload, levels, n).reshape(shape)
+    if mode == MODE_CONST:
+        if len(side) != 2 or payload:
+            raise CodingError("ans const mode: expected 2 side bytes and an empty payload")
+        if side[1] >= levels:
+            raise CodingError(f"ans const symbol {side[1]} >= L = {levels}")
+        return np.full(shape, side[1], dtype=dtype)
+    if len(payload) % 4:
+        raise CodingError(f"ans payload has {len(payload)} bytes, not a whole number of 32-bit words")
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+    except ValueError as e:
+        raise CodingError(f"ans payload is not a valid compressed stream: {e}") from e
+    if mode == MODE_POOLED:
+        lo, hi, q, pos = _read_model(side, 1, levels)
+        if pos != len(side):
+            raise CodingError(f"ans side information has {len(side) - pos} trailing bytes")
+        if hi == lo:
+            raise CodingError("ans pooled model with a single symbol (expected const mode)")
+        out = coder.decode(_categorical(q), n).astype(dtype)
+        if lo:
+            out += dtype(lo)
+    elif mode == MODE_GROUPED:
+        out = _decode_grouped(coder, side, levels, shape)
+    else:
+        raise CodingError(f"ans side information has unknown mode {mode}")
+    if not coder.is_empty():
+        raise CodingError("ans payload does not decode to exactly the declared number of indices "
+                          "(truncated, corrupt, or wrong shape)")
+    if out.size and int(out.max()) >= levels:
+        raise CodingError(f"ans payload decodes to an index >= L = {levels}")
+    return out.reshape(shape)
+
+
+def _decode_grouped(coder, side: bytes, levels: int, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) < 2 or len(side) < 2:
+        raise CodingError("ans grouped mode needs a (rows, channels) shape and a group count")
+    c = shape[-1]
+    n_rows = math.prod(shape[:-1])
+    ng = side[1]
+    if ng < 2 or ng > c:
+        raise CodingError(f"ans grouped mode: {ng} groups for {c} channels")
+    ab = (c * index_bits(ng) + 7) // 8
+    if 2 + ab > len(side):
+        raise CodingError("ans side information truncated inside the channel assignment")
+    assign = _unpack_bits(side[2:2 + ab], index_bits(ng), c).astype(np.int64)
+    if int(assign.max()) >= ng:
+        raise CodingError("ans channel assignment names a group that does not exist")
+    pos = 2 + ab
+    models = []
+    for _ in range(ng):
+        lo, hi, q, pos = _read_model(side, pos, levels)
+        models.append((lo, hi, q))
+    if pos != len(side):
+        raise CodingError(f"ans side information has {len(side) - pos} trailing bytes")
+    sizes = np.bincount(assign, minlength=ng) * n_rows
+    dtype = np.uint8 if levels <= 256 else np.uint16
+    parts = []
+    for g, (lo, hi, q) in enumerate(models):
+        if hi == lo:
+            parts.append(np.full(sizes[g], lo, dtype=dtype))
+        else:
+            seg = coder.decode(_categorical(q), int(sizes[g])).astype(dtype)
+            parts.append(seg + dtype(lo) if lo else seg)
+    data = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    perm = np.argsort(assign, kind="stable")
+    out = np.empty((n_rows, c), dtype=dtype)
+    out[:, perm] = data.reshape(c, n_rows).T
+    return out

@@ -1,0 +1,262 @@
+"""`fsq`: the paper's learned scalar quantizer (DESIGN 1.2), with `pack` or `ans` index coding.
+
+Client: x (N, D) -> Linear(D -> d_code) -> robust normalisation onto [-1, 1] -> L uniform levels (both endpoints
+included) with a straight-through estimator -> indices, coded by `pack` (ceil(log2 L) bits each) or `ans`.
+Server: indices -> level values (N, d_code) -> Linear(d_code -> D).
+
+Loss terms returned as `aux_loss` (added to the client's loss):
+- distortion: mean over rows of 1 - cos(z_n, stopgrad(q(z_n))), where z_n is the normalised encoder output (the
+  tensor being quantized; cosine of the raw encoder output would also count the removed row mean), times
+  cfg.distortion_weight (0.25 in the paper);
+- rate (cfg.rate_weight > 0): the entropy in bits per element of the soft-assignment histogram of the codes
+  (soft-to-hard quantization, Agustsson et al. 2017): each value is softly assigned to the levels with a Gaussian
+  kernel of width a quarter of the level spacing; the histogram of those assignments is a differentiable estimate
+  of the pooled model the `ans` coder uses, and its entropy approaches the hard empirical entropy (the rate `ans`
+  achieves) as the kernel narrows. Minimising it concentrates the codes on fewer levels.
+
+Normalisation statistics: `over="sample"` uses each row's own mean and standard deviation (population std over the
+d_code channels of that token), so a token's codes never depend on other tokens, other samples or the batch size;
+this is our reading of DESIGN's per-sample statistics for a codec that sees rows of several samples. `over="batch"`
+uses one mean/std pair over the whole (N, d_code) tensor, as the paper does. Statistics are not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtllava.compress.base import ClientCodec, Encoded, Packet, PacketError, ServerCodec, register_codec
+from qtllava.compress.coding import CodingError, ans_decode, ans_encode, pack_indices, unpack_indices
+from qtllava.config import CodecConfig
+
+__all__ = [
+    "robust_normalize",
+    "level_values",
+    "quantize_indices",
+    "soft_rate_bits",
+    "encode_indices",
+    "decode_indices",
+    "FsqEncoder",
+    "FsqDecoder",
+    "fit_decoder",
+    "CODERS",
+]
+
+log = logging.getLogger(__name__)
+
+CODERS = ("pack", "ans")
+NORM_OVER = ("sample", "batch")
+_RATE_SAMPLE = 1 << 16  # elements used by the soft rate estimate (a fixed strided subset of larger tensors)
+_RATE_KERNEL = 0.25  # soft-assignment kernel width, in units of the level spacing
+
+
+def robust_normalize(x: torch.Tensor, width: float = 3.0, over: str = "sample", eps: float = 1e-8) -> torch.Tensor:
+    """Clip to mean +- width * std and map linearly onto [-1, 1]: clamp((x - mu) / (width * sigma), -1, 1).
+
+    x: (..., C). over="sample": mu, sigma per row over the last axis (each token alone); over="batch": one pair over
+    the whole tensor (the paper). sigma is the population std; a constant row maps to 0. Differentiable.
+    """
+    if over == "sample":
+        mu = x.mean(dim=-1, keepdim=True)
+        sigma = x.std(dim=-1, keepdim=True, correction=0)
+    elif over == "batch":
+        if x.numel() == 0:
+            return x.clone()
+        mu = x.mean()
+        sigma = x.std(correction=0)
+    else:
+        raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
+    return ((x - mu) / (width * sigma).clamp_min(eps)).clamp(-1.0, 1.0)
+
+
+def level_values(levels: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The L uniform levels on [-1, 1] including both endpoints: level k = -1 + 2k/(L-1), k = 0..L-1."""
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels must be in 2..256, got {levels}")
+    k = torch.arange(levels, dtype=torch.float64)
+    return (-1.0 + 2.0 * k / (levels - 1)).to(dtype=dtype, device=device)
+
+
+def quantize_indices(z: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round z (values in [-1, 1]) to the nearest of L levels.
+
+    Returns (z_hat, indices): z_hat has z's shape and dtype, its forward value is exactly level_values(L)[indices]
+    and its gradient w.r.t. z is the identity (straight-through); indices are uint8 (L <= 256), no gradient.
+    """
+    table = level_values(levels, dtype=z.dtype, device=z.device)
+    with torch.no_grad():
+        idx = torch.round((z.clamp(-1.0, 1.0) + 1.0) * ((levels - 1) / 2.0)).clamp_(0, levels - 1).long()
+    # exact forward value (adding an exact zero), identity backward
+    z_hat = table[idx] + (z - z.detach())
+    return z_hat, idx.to(torch.uint8)
+
+
+def soft_rate_bits(z: torch.Tensor, levels: int, kernel: float = _RATE_KERNEL,
+                   max_elements: int = _RATE_SAMPLE) -> torch.Tensor:
+    """Differentiable rate estimate in bits per element: entropy of the soft-assignment histogram of z over L levels.
+
+    z: any shape, values in [-1, 1]. Tensors larger than `max_elements` use a fixed strided subset (deterministic,
+    odd stride so that every channel is visited). Returns a scalar (0 for an empty tensor).
+    """
+    flat = z.reshape(-1)
+    if flat.numel() == 0:
+        return z.new_zeros(())
+    if flat.numel() > max_elements:
+        step = math.ceil(flat.numel() / max_elements) | 1
+        flat = flat[::step]
+    table = level_values(levels, dtype=z.dtype, device=z.device)
+    tau = kernel * 2.0 / (levels - 1)
+    logits = -((flat[:, None] - table[None, :]) ** 2) / (2 * tau * tau)
+    m = torch.softmax(logits, dim=1).mean(0)
+    return -(m * torch.log2(m.clamp_min(1e-12))).sum()
+
+
+def encode_indices(idx: np.ndarray, levels: int, coder: str) -> tuple[bytes, bytes]:
+    """Index array (N, C) -> (payload, side) with the named coder ("pack" or "ans")."""
+    if coder == "pack":
+        return pack_indices(idx, levels), b""
+    if coder == "ans":
+        return ans_encode(idx, levels)
+    raise ValueError(f"unknown index coder {coder!r}; known: {', '.join(CODERS)}")
+
+
+def decode_indices(payload: bytes, side: bytes, levels: int, coder: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `encode_indices`; raises PacketError naming what is wrong."""
+    try:
+        if coder == "pack":
+            if side:
+                raise PacketError(f"pack-coded packet carries {len(side)} bytes of side information (expected 0)")
+            return unpack_indices(payload, levels, math.prod(shape)).reshape(shape)
+        if coder == "ans":
+            return ans_decode(payload, side, levels, shape)
+    except CodingError as e:
+        raise PacketError(f"{coder} payload for shape {tuple(shape)}, L={levels}: {e}") from e
+    raise PacketError(f"unknown index coder {coder!r}; known: {', '.join(CODERS)}")
+
+
+class FsqEncoder(ClientCodec):
+    """Client half: rows (N, D) -> Linear -> robust normalisation -> L levels -> coded indices."""
+
+    codec_name = "fsq"
+
+    def __init__(self, dim: int, d_code: int, levels: int, coder: str = "pack", over: str = "sample",
+                 width: float = 3.0, distortion_weight: float = 0.25, rate_weight: float = 0.0):
+        super().__init__()
+        _check_args(levels, coder, over)
+        self.dim, self.d_code, self.levels, self.coder = dim, d_code, levels, coder
+        self.over, self.width = over, width
+        self.distortion_weight, self.rate_weight = distortion_weight, rate_weight
+        self.proj = nn.Linear(dim, d_code)
+        self.last_stats: dict[str, float] = {}  # distortion and rate (bits/element) of the last call, for logging
+        _init_encoder(self.proj)
+
+    def forward(self, x: torch.Tensor) -> Encoded:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"fsq encoder expects rows (N, {self.dim}), got {tuple(x.shape)}")
+        z = robust_normalize(self.proj(x), self.width, self.over)
+        z_hat, idx = quantize_indices(z, self.levels)
+        if z.shape[0]:
+            distortion = (1.0 - F.cosine_similarity(z, z_hat.detach(), dim=-1, eps=1e-8)).mean()
+        else:
+            distortion = z.sum() * 0.0
+        aux = self.distortion_weight * distortion
+        stats = {"distortion": float(distortion.detach())}
+        if self.rate_weight:
+            rate = soft_rate_bits(z, self.levels)
+            aux = aux + self.rate_weight * rate
+            stats["rate_bits"] = float(rate.detach())
+        self.last_stats = stats
+        payload, side = encode_indices(idx.cpu().numpy(), self.levels, self.coder)
+        packet = Packet(codec=self.codec_name, shape=(int(x.shape[0]), self.d_code), payload=payload, side=side,
+                        levels=self.levels, coder=self.coder)
+        return Encoded(packet, aux, z_hat)
+
+
+class FsqDecoder(ServerCodec):
+    """Server half: packet -> level values (N, d_code) -> Linear(d_code -> D). Decodes `pack` and `ans` packets."""
+
+    codec_name = "fsq"
+
+    def __init__(self, dim: int, d_code: int, levels: int, width: float = 3.0):
+        super().__init__()
+        _check_args(levels, "pack", "sample")
+        self.dim, self.d_code, self.levels = dim, d_code, levels
+        self.proj = nn.Linear(d_code, dim)
+        _init_decoder(self.proj, width)
+
+    def dequantize(self, packet: Packet) -> torch.Tensor:
+        self.check(packet, self.d_code)
+        if packet.levels != self.levels:
+            raise PacketError(f"fsq packet has L = {packet.levels}, this decoder expects L = {self.levels}")
+        idx = decode_indices(packet.payload, packet.side, packet.levels, packet.coder, packet.shape)
+        table = level_values(self.levels, device=self.proj.weight.device)
+        return table[torch.from_numpy(idx.astype(np.int64)).to(table.device)]
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.proj(values.to(self.proj.weight.dtype))
+
+
+def _check_args(levels: int, coder: str, over: str) -> None:
+    if not 2 <= levels <= 256:
+        raise ValueError(f"fsq: levels must be in 2..256, got {levels}")
+    if coder not in CODERS:
+        raise ValueError(f"fsq: unknown coder {coder!r}; known: {', '.join(CODERS)}")
+    if over not in NORM_OVER:
+        raise ValueError(f"fsq: norm_over must be one of {NORM_OVER}, got {over!r}")
+
+
+@torch.no_grad()
+def _init_encoder(lin: nn.Linear) -> None:
+    # identity when d_code == D (a fresh codec quantizes the features themselves); else orthonormal rows
+    d_code, dim = lin.weight.shape
+    if d_code == dim:
+        lin.weight.copy_(torch.eye(dim))
+    else:
+        nn.init.orthogonal_(lin.weight)
+    lin.bias.zero_()
+
+
+@torch.no_grad()
+def _init_decoder(lin: nn.Linear, width: float) -> None:
+    # width * identity undoes the 1/(width * sigma) of the normalisation: a fresh round trip returns each row
+    # standardised (zero mean, unit std) instead of squeezed into [-1, 1]
+    dim, d_code = lin.weight.shape
+    if d_code == dim:
+        lin.weight.copy_(torch.eye(dim) * width)
+    else:
+        nn.init.orthogonal_(lin.weight)
+        lin.weight.mul_(width)
+    lin.bias.zero_()
+
+
+@torch.no_grad()
+def fit_decoder(client: FsqEncoder, server: FsqDecoder, x: torch.Tensor, ridge: float = 1e-3) -> float:
+    """Warm start: least-squares fit of the server's Linear so that decode(encode(x)) ~ x on the rows x (N, D).
+
+    Useful once at the start of stage 1 on one batch of real features (it restores the feature scale that the
+    normalisation removed). Returns the relative squared error after the fit.
+    """
+    v = client(x).values.to(torch.float64)
+    a = torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype, device=v.device)], dim=1)
+    target = x.to(torch.float64)
+    gram = a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    sol = torch.linalg.solve(gram, a.T @ target)  # (d_code + 1, D)
+    server.proj.weight.copy_(sol[:-1].T.to(server.proj.weight.dtype))
+    server.proj.bias.copy_(sol[-1].to(server.proj.bias.dtype))
+    err = ((a @ sol - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-30)
+    log.info("fsq decoder fitted on %d rows: relative squared error %.4f", x.shape[0], float(err))
+    return float(err)
+
+
+@register_codec("fsq", learned=True)
+def build_fsq(cfg: CodecConfig, dim: int) -> tuple[FsqEncoder, FsqDecoder]:
+    """The paper's FSQ-like quantizer: Linear(D -> d_code), robust normalisation, L levels, Linear(d_code -> D)."""
+    d_code = cfg.d_code or dim
+    client = FsqEncoder(dim, d_code, cfg.levels, coder=cfg.coder, over=cfg.norm_over, width=cfg.norm_width,
+                        distortion_weight=cfg.distortion_weight, rate_weight=cfg.rate_weight)
+    return client, FsqDecoder(dim, d_code, cfg.levels, width=cfg.norm_width)
