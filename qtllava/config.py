@@ -313,10 +313,13 @@ def _merge(cfg: Any, data: dict[str, Any], where: str) -> None:
 
 
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Apply a nested dict onto `base` (or onto the preset named by data["name"], else `tiny`)."""
+    """Apply a nested dict onto `base`, else onto the preset named by data["preset"] or data["name"], else tiny."""
     data = copy.deepcopy(data)
     if base is None:
-        base = preset(data.get("preset", data.get("name", "tiny")))
+        if "preset" in data:
+            base = preset(data["preset"])
+        else:  # a saved config names its preset in `name`; a custom name starts from the defaults
+            base = preset(data["name"]) if data.get("name") in PRESETS else Config()
     data.pop("preset", None)
     _merge(base, data, "")
     return base

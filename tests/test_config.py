@@ -59,3 +59,9 @@ def test_config_files_match_presets():
         assert load_config(root / f"{name}.toml") == preset(name), name
     cfg = load_config(root / "tiny-fsq4-ans.toml")
     assert cfg.name == "tiny" and cfg.compress.image.coder == "ans" and cfg.compress.downlink == "int8"
+
+
+def test_custom_name_starts_from_defaults():
+    cfg = from_dict({"name": "my-run", "train": {"seed": 3}})
+    assert cfg.name == "my-run" and cfg.train.seed == 3 and cfg.vision == preset("tiny").vision
+    assert from_dict({"preset": "micro", "name": "x"}).vision == preset("micro").vision
