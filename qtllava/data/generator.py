@@ -1,0 +1,375 @@
+"""Offline, deterministic generator of the training corpora, the five benchmark suites and the tokenizer.
+
+``make_data(cfg, image_size)`` writes everything described in docs/formats.md under ``cfg.root`` (or ``root``).
+All randomness comes from numpy Generators seeded from ``cfg.seed`` with one independent stream per split; on top
+of that, a scene whose signature (content at grid-cell resolution, see ``world.Scene.signature``) already occurs in
+another split group (training = captions + instruct_train; validation; each suite) is rejected and redrawn, so
+benchmark scenes never repeat training scenes. ``manifest.json`` (written last) makes a second call with the same
+settings return at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import questions as Q
+from .tokenizer import train_tokenizer
+from .world import Layout, Scene, sample_glyph, sample_shape, sample_soc, render
+
+__all__ = ["GENERATOR_VERSION", "SUITES", "SUITE_METRICS", "make_data", "read_manifest", "suite_size", "TEXT_BUDGET",
+           "estimate_tokens"]
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
+SUITE_METRICS = {"soc-vqa": "vqa_accuracy", "soc-mc": "mc_accuracy", "glyph-vqa": "vqa_accuracy",
+                 "shape-pope": "pope", "shape-mme": "mme"}
+QUESTIONS_PER_IMAGE = {"soc-vqa": 2, "soc-mc": 1, "glyph-vqa": 1, "shape-pope": 6, "shape-mme": 8}
+# Estimated text tokens (ChatML overhead included, image placeholder counted as 1) an instruction conversation may
+# use: fits max_length - image tokens of the micro (96 - 16) and tiny (160 - 64) presets.
+TEXT_BUDGET = 76
+_CHATML_TURN_OVERHEAD = 10
+_STREAMS = {"captions": 1, "instruct_train": 2, "instruct_val": 3,
+            **{s: 10 + i for i, s in enumerate(SUITES)}}
+_GROUP = {"captions": "train", "instruct_train": "train", "instruct_val": "val", **{s: s for s in SUITES}}
+_PREFIX = {"captions": "cap", "instruct_train": "ins", "instruct_val": "val", **{s: s for s in SUITES}}
+_MAX_TRIES = 10000
+# scene mixes: (soc, glyph, shape)
+_CAPTION_MIX = (0.4, 0.2, 0.4)
+_INSTRUCT_MIX = (0.45, 0.2, 0.35)
+_P_CAPTION_TURN = 0.3
+
+_TOKEN_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
+
+
+def estimate_tokens(text: str) -> int:
+    """Pre-token count of `text` under GPT-2-style splitting (what the trained tokenizer gives for known words)."""
+    return len(_TOKEN_RE.findall(text.replace("<image>", "#")))
+
+
+def _gen_settings(cfg: Any, image_size: int) -> dict[str, Any]:
+    return {"seed": int(cfg.seed), "n_caption": int(cfg.n_caption), "n_instruct": int(cfg.n_instruct),
+            "n_val": int(cfg.n_val), "n_per_suite": int(cfg.n_per_suite), "vocab_size": int(cfg.vocab_size),
+            "image_size": int(image_size)}
+
+
+def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    """The manifest of a data root, or None when there is none (or it is unreadable)."""
+    p = Path(root) / "manifest.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cache_valid(root: Path, settings: dict[str, Any]) -> bool:
+    man = read_manifest(root)
+    if not man or man.get("generator_version") != GENERATOR_VERSION or man.get("settings") != settings:
+        return False
+    for rel, digest in man.get("files", {}).items():
+        p = root / rel
+        if not p.is_file() or _sha256(p) != digest:
+            return False
+    for split, count in man.get("images", {}).get("per_split", {}).items():
+        d = root / "images" / split
+        if not d.is_dir() or sum(1 for e in d.iterdir() if e.suffix == ".png") != count:
+            return False
+    return True
+
+
+_OUTPUTS = ("manifest.json", "captions.json", "instruct_train.json", "instruct_val.json", "scenes.jsonl",
+            "images", "suites", "tokenizer")
+
+
+def _clear(root: Path) -> None:
+    """Remove what a previous run wrote (only the generator's own names; other files in root are kept)."""
+    for name in _OUTPUTS:
+        p = root / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@dataclass
+class _Ctx:
+    root: Path
+    lay: Layout
+    seed: int
+    seen: dict[str, str]  # scene signature -> group
+    image_hash: "hashlib._Hash"
+    per_split: dict[str, int]
+    scenes: list[dict[str, Any]]
+
+    def rng(self, split: str) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(entropy=self.seed, spawn_key=(_STREAMS[split],)))
+
+    def draw(self, split: str, rng: np.random.Generator,
+             make: Callable[[np.random.Generator], tuple[Scene, Any] | None]) -> tuple[Scene, Any]:
+        """Draw (scene, payload) with `make` until it succeeds and the scene is new to the other split groups."""
+        group = _GROUP[split]
+        for _ in range(_MAX_TRIES):
+            out = make(rng)
+            if out is None:
+                continue
+            sig = out[0].signature()
+            owner = self.seen.get(sig)
+            if owner is not None and owner != group:
+                continue
+            self.seen[sig] = group
+            return out
+        raise RuntimeError(f"could not draw a new scene for split {split!r} in {_MAX_TRIES} tries")
+
+    def save(self, split: str, index: int, scene: Scene) -> tuple[str, str]:
+        """Render and write the PNG; returns (image id, path relative to images/)."""
+        image_id = f"{_PREFIX[split]}-{index:06d}"
+        rel = f"{split}/{image_id}.png"
+        buf = io.BytesIO()
+        render(scene, self.lay).save(buf, format="PNG")
+        data = buf.getvalue()
+        (self.root / "images" / rel).write_bytes(data)
+        self.image_hash.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        self.per_split[split] = self.per_split.get(split, 0) + 1
+        self.scenes.append({"image": rel, "group": _GROUP[split], "kind": scene.kind,
+                            "signature": scene.signature(), "content": scene.describe()})
+        return image_id, rel
+
+
+def _pick_kind(rng: np.random.Generator, mix: tuple[float, float, float]) -> str:
+    return ("soc", "glyph", "shape")[int(rng.choice(3, p=np.asarray(mix)))]
+
+
+def _sample(kind: str, rng: np.random.Generator, lay: Layout) -> Scene:
+    if kind == "soc":
+        return sample_soc(rng, lay)
+    if kind == "glyph":
+        return sample_glyph(rng, lay)
+    return sample_shape(rng, lay)
+
+
+# --- training corpora -------------------------------------------------------------------------------------
+
+
+def _caption_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+    prompt = Q.CAPTION_PROMPTS[int(rng.integers(0, len(Q.CAPTION_PROMPTS)))]
+    return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": Q.caption(scene)}]
+
+
+def _turn_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Candidate (prompt, answer) turns covering every suite question type of the scene's kind."""
+    pool: list[Q.QA | None] = []
+    if scene.kind == "soc":
+        for t in Q.SOC_NONREL + Q.SOC_REL:
+            pool.append(Q.soc_question(scene, t, rng))
+        pool.append(Q.soc_question(scene, ("closest_color", "furthest_color")[int(rng.integers(0, 2))], rng))
+        pool.append(Q.soc_mc_question(scene, Q.SOC_MC_TYPES[int(rng.integers(0, len(Q.SOC_MC_TYPES)))], rng))
+    elif scene.kind == "glyph":
+        for i in range(len(scene.words)):
+            pool.append(Q.glyph_question(scene, i))
+            pool.append(Q.glyph_color_question(scene, i))
+    else:
+        pope = Q.pope_questions(scene, Q.POPE_SPLITS[int(rng.integers(0, 3))], rng)
+        if pope:
+            pool += pope[:3]
+        for sub in Q.MME_SUBTASKS:
+            pair = Q.mme_subtask(scene, sub, rng)
+            if pair:
+                pool.append(pair[int(rng.integers(0, 2))])
+    qas = [qa for qa in pool if qa is not None]
+    return [(qa.text, qa.answer) for i in rng.permutation(len(qas)) for qa in [qas[int(i)]]]
+
+
+def _instruct_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+    turns: list[tuple[str, str]] = []
+    if rng.random() < _P_CAPTION_TURN:
+        turns.append((Q.CAPTION_PROMPTS[int(rng.integers(0, len(Q.CAPTION_PROMPTS)))], Q.caption(scene)))
+    max_turns = int(rng.integers(2, 5))
+    used = 2  # "<image>\n"
+    conv: list[dict[str, str]] = []
+    for prompt, answer in turns + _turn_pool(scene, rng):
+        cost = estimate_tokens(prompt) + estimate_tokens(answer) + _CHATML_TURN_OVERHEAD
+        if conv and (used + cost > TEXT_BUDGET or len(conv) // 2 >= max_turns):
+            continue
+        if not conv:
+            prompt = f"<image>\n{prompt}"
+        conv += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+        used += cost
+    return conv
+
+
+def _make_corpus(ctx: _Ctx, split: str, n: int, mix: tuple[float, float, float],
+                 build: Callable[[Scene, np.random.Generator], list[dict[str, str]]]) -> list[dict[str, Any]]:
+    rng = ctx.rng(split)
+    (ctx.root / "images" / split).mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in tqdm(range(n), desc=split, unit="img", disable=None, leave=False):
+        scene, _ = ctx.draw(split, rng, lambda r: (_sample(_pick_kind(r, mix), r, ctx.lay), None))
+        image_id, rel = ctx.save(split, i, scene)
+        records.append({"id": image_id, "image": rel, "conversations": build(scene, rng)})
+    return records
+
+
+# --- benchmark suites --------------------------------------------------------------------------------------
+
+
+def _suite_items(suite: str, i: int, rng: np.random.Generator, lay: Layout, n_left: int
+                 ) -> tuple[Scene, list[Q.QA]] | None:
+    """One image's scene and questions for a suite (None: infeasible, draw again)."""
+    if suite == "soc-vqa":
+        scene = sample_soc(rng, lay)
+        qs = [Q.soc_question(scene, Q.SOC_NONREL[i % 3], rng), Q.soc_question(scene, Q.SOC_REL[i % 3], rng)]
+        if any(q is None for q in qs):
+            return None
+        return scene, [q for q in qs if q is not None][:n_left]
+    if suite == "soc-mc":
+        scene = sample_soc(rng, lay)
+        q = Q.soc_mc_question(scene, Q.SOC_MC_TYPES[i % len(Q.SOC_MC_TYPES)], rng)
+        return None if q is None else (scene, [q])
+    if suite == "glyph-vqa":
+        scene = sample_glyph(rng, lay)
+        return scene, [Q.glyph_question(scene, int(rng.integers(0, len(scene.words))))]
+    if suite == "shape-pope":
+        scene = sample_shape(rng, lay)
+        qs = Q.pope_questions(scene, Q.POPE_SPLITS[i % 3], rng)
+        return None if qs is None else (scene, qs)
+    if suite == "shape-mme":
+        scene = sample_shape(rng, lay)
+        qs = Q.mme_questions(scene, rng)
+        return None if qs is None else (scene, qs)
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def suite_size(suite: str, n_per_suite: int) -> tuple[int, int]:
+    """(images, questions) of a suite: exactly n questions, except POPE and MME, which round up to whole images
+    (6 and 8 questions per image; POPE also to a multiple of 3 images, one third per negative-sampling split)."""
+    per = QUESTIONS_PER_IMAGE[suite]
+    n_img = max(1, math.ceil(n_per_suite / per))
+    if suite == "shape-pope":
+        n_img = 3 * math.ceil(n_img / 3)
+    n_q = n_per_suite if suite in ("soc-vqa", "soc-mc", "glyph-vqa") else n_img * per
+    return n_img, n_q
+
+
+def _make_suite(ctx: _Ctx, suite: str, n_per_suite: int) -> dict[str, Any]:
+    rng = ctx.rng(suite)
+    (ctx.root / "images" / suite).mkdir(parents=True, exist_ok=True)
+    out_dir = ctx.root / "suites" / suite
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_img, n_q = suite_size(suite, n_per_suite)
+    questions, answers = [], []
+    qid = 0
+    for i in tqdm(range(n_img), desc=suite, unit="img", disable=None, leave=False):
+        scene, qas = ctx.draw(suite, rng, lambda r: _suite_items(suite, i, r, ctx.lay, n_q - qid))
+        image_id, rel = ctx.save(suite, i, scene)
+        for qa in qas:
+            q = {"question_id": qid, "image": rel, "text": qa.text, "category": qa.category}
+            a: dict[str, Any] = {"question_id": qid, "image_id": image_id, "type": qa.type, "answer": qa.answer,
+                                 "answers": Q.annotator_answers(qa.answer, rng)}
+            if suite == "soc-vqa":
+                a["category"] = qa.category
+            elif suite == "soc-mc":
+                a["category"] = qa.category
+                a["choices"] = qa.extra["choices"]
+            elif suite == "shape-pope":
+                a["split"] = qa.type
+                a["label"] = qa.extra["label"]
+            elif suite == "shape-mme":
+                a["subtask"] = qa.type
+                a["label"] = qa.extra["label"]
+            questions.append(q)
+            answers.append(a)
+            qid += 1
+    _dump_jsonl(out_dir / "questions.jsonl", questions)
+    _dump_jsonl(out_dir / "answers.jsonl", answers)
+    meta = {"suite": suite, "metric": SUITE_METRICS[suite], "n": len(questions), "n_images": n_img,
+            "answer_space": Q.answer_space(suite)}
+    _dump_json(out_dir / "meta.json", meta)
+    return meta
+
+
+# --- entry point -------------------------------------------------------------------------------------------
+
+
+def _training_texts(*corpora: list[dict[str, Any]]):
+    """The training text as the chat templates lay it out (role words included; special tokens left out, they
+    are added tokens), plus one line with every answer word so even a tiny corpus knows them all."""
+    yield " ".join(Q.WORLD_WORDS)
+    for recs in corpora:
+        for r in recs:
+            for t in r["conversations"]:
+                role = "user" if t["from"] == "human" else "assistant"
+                yield f"{role}\n" + t["value"].replace("<image>", "")
+
+
+def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: bool = False) -> Path:
+    """Generate (or find cached) data for a DataConfig at `image_size` px under `root` (default `cfg.root`).
+
+    Returns the root. A matching `manifest.json` (generator version, sizes, seed, image size, file hashes) makes
+    this return at once; anything else (or `force`) regenerates from scratch."""
+    root = Path(root if root is not None else cfg.root)
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16, got {image_size}")
+    settings = _gen_settings(cfg, image_size)
+    if not force and _cache_valid(root, settings):
+        log.info("data in %s is up to date (manifest matches)", root)
+        return root
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    _clear(root)
+    (root / "images").mkdir()
+    ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, image_hash=hashlib.sha256(),
+               per_split={}, scenes=[])
+    log.info("generating data in %s (seed %d, %d px)", root, cfg.seed, image_size)
+    captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
+    train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, _instruct_record)
+    val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, _instruct_record)
+    _dump_json(root / "captions.json", captions)
+    _dump_json(root / "instruct_train.json", train)
+    _dump_json(root / "instruct_val.json", val)
+    metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
+    _dump_jsonl(root / "scenes.jsonl", ctx.scenes)
+    tok = train_tokenizer(_training_texts(captions, train), cfg.vocab_size, root / "tokenizer")
+    files = sorted([p for p in root.glob("*.json") if p.name != "manifest.json"] + [root / "scenes.jsonl"]
+                   + list((root / "suites").glob("*/*")) + list((root / "tokenizer").glob("*")))
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "settings": settings,
+        "data_config": {k: v for k, v in asdict(cfg).items() if k != "root"} if is_dataclass(cfg) else settings,
+        "counts": {"captions": len(captions), "instruct_train": len(train), "instruct_val": len(val),
+                   **{s: m["n"] for s, m in metas.items()}},
+        "tokenizer": {"vocab_size": len(tok)},
+        "images": {"count": sum(ctx.per_split.values()), "per_split": ctx.per_split,
+                   "sha256": ctx.image_hash.hexdigest()},
+        "files": {str(p.relative_to(root)): _sha256(p) for p in files},
+    }
+    _dump_json(root / "manifest.json", manifest)
+    log.info("generated %d images and %d suite questions in %.1f s", manifest["images"]["count"],
+             sum(m["n"] for m in metas.values()), time.perf_counter() - t0)
+    return root
