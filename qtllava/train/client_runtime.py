@@ -45,9 +45,8 @@ class StepStats:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d["bits_per_element_up"] = {k: 8 * self.payload_up[k] / max(1, self.elements_up[k]) for k in self.payload_up}
-        d["bits_per_element_down"] = {k: 8 * self.payload_down[k] / max(1, self.elements_up[k])
-                                      for k in self.payload_down}
+        d["bits_per_element_up"] = {k: 8 * self.payload_up[k] / max(1, n) for k, n in self.elements_up.items()}
+        d["bits_per_element_down"] = {k: 8 * self.payload_down[k] / max(1, n) for k, n in self.elements_up.items()}
         d["samples_per_s"] = self.samples / max(self.seconds, 1e-9)
         return d
 
