@@ -53,6 +53,7 @@ _MAX_TRIES = 10000
 _CAPTION_MIX = (0.4, 0.2, 0.4)
 _INSTRUCT_MIX = (0.45, 0.2, 0.35)
 _P_CAPTION_TURN = 0.3
+_WORLD_WORD_WEIGHT = 20
 
 _TOKEN_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
 
@@ -319,8 +320,11 @@ def _make_suite(ctx: _Ctx, suite: str, n_per_suite: int) -> dict[str, Any]:
 
 def _training_texts(*corpora: list[dict[str, Any]]):
     """The training text as the chat templates lay it out (role words included; special tokens left out, they
-    are added tokens), plus one line with every answer word so even a tiny corpus knows them all."""
-    yield " ".join(Q.WORLD_WORDS)
+    are added tokens), plus every answer word, alone and after a space, weighted so that even a tiny corpus and
+    vocabulary make each of them a single token."""
+    for _ in range(_WORLD_WORD_WEIGHT):
+        yield from Q.WORLD_WORDS
+        yield " " + " ".join(Q.WORLD_WORDS)
     for recs in corpora:
         for r in recs:
             for t in r["conversations"]:
