@@ -5,7 +5,8 @@ Pure functions over numpy arrays; nothing here knows about torch or packets.
 `pack`: every index takes ceil(log2 L) bits, little-endian bit order (element i occupies bits [i*b, (i+1)*b) of
 the stream), zero-padded to a whole byte.
 
-`ans`: constriction's ANS stack with categorical models. The model travels in the side information of the packet
+`ans`: constriction's ANS stack with categorical models (plus two sentinel bits that make a wrong symbol count
+detectable, see `_coder_with_sentinel`). The model travels in the side information of the packet
 (stateless packets: each one decodes alone, retries are idempotent, and a lost or reordered packet cannot desync the
 two sides), so its bytes are counted exactly. The side information starts with one mode byte:
 
@@ -82,6 +83,9 @@ def unpack_indices(data: bytes, levels: int, count: int) -> np.ndarray:
     need = (count * b + 7) // 8
     if len(data) != need:
         raise CodingError(f"packed indices: {count} x {b} bits need {need} bytes, got {len(data)}")
+    pad = need * 8 - count * b
+    if pad and data[-1] >> (8 - pad):
+        raise CodingError(f"packed indices: the {pad} padding bits of the last byte are not zero (wrong count?)")
     out = _unpack_bits(data, b, count)
     if count and int(out.max()) >= levels:
         raise CodingError(f"packed indices hold a value >= L = {levels}")
@@ -303,6 +307,24 @@ def _plan_grouped(ch_counts: np.ndarray, max_groups: int):
 # --- ANS -----------------------------------------------------------------------------------------------------
 
 
+def _sentinel_model():
+    return constriction.stream.model.Categorical(np.array([0.5, 0.5]), perfect=False)
+
+
+def _coder_with_sentinel():
+    """An ANS stack holding two sentinel bits (symbol 1 of a fair coin, twice) at its bottom, decoded last.
+
+    ANS cannot tell where its data ends: while the state is below 2^24 (the model precision), decoding a symbol
+    whose interval starts at 0 leaves the state unchanged, so an empty or nearly empty stack decodes such symbols
+    forever. Two sentinel bits lift the bottom state to 3 * 2^23, where every decode changes the state; a packet
+    shape that declares more symbols than were coded then leaves a state below 2^24 that cannot decode to the
+    sentinel, and one that declares fewer leaves data above it. Cost: 2 bits per packet.
+    """
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(np.ones(2, dtype=np.int32), _sentinel_model())
+    return coder
+
+
 def ans_encode(idx: np.ndarray, levels: int, groups: int | str = "auto") -> tuple[bytes, bytes]:
     """Entropy-code indices in [0, L) (L <= 256) with constriction's ANS -> (payload, side), both sent.
 
@@ -338,7 +360,7 @@ def ans_encode(idx: np.ndarray, levels: int, groups: int | str = "auto") -> tupl
     elif pooled_bits + 32 >= raw_bits:  # the coder's final state costs >= 32 bits: cannot beat `pack`
         return _pack_bits(flat, index_bits(levels)), bytes((MODE_RAW,))
     else:
-        coder = constriction.stream.stack.AnsCoder()
+        coder = _coder_with_sentinel()
         sym = flat.astype(np.int32)
         if lo:
             sym -= lo
@@ -356,7 +378,7 @@ def _encode_grouped(rows: np.ndarray, assign: np.ndarray, models: list) -> tuple
     sizes = np.bincount(assign, minlength=ng) * rows.shape[0]
     data = np.ascontiguousarray(rows[:, perm].T, dtype=np.int32).reshape(-1)
     ends = np.cumsum(sizes)
-    coder = constriction.stream.stack.AnsCoder()
+    coder = _coder_with_sentinel()
     for g in range(ng - 1, -1, -1):  # a stack: encode the last group first so that decoding runs forward
         lo, hi, p, q, _ = models[g]
         seg = data[ends[g] - sizes[g]:ends[g]]
@@ -405,7 +427,7 @@ def ans_decode(payload: bytes, side: bytes, levels: int, shape: tuple[int, ...])
         out = _decode_grouped(coder, side, levels, shape)
     else:
         raise CodingError(f"ans side information has unknown mode {mode}")
-    if not coder.is_empty():
+    if not np.array_equal(coder.decode(_sentinel_model(), 2), [1, 1]) or not coder.is_empty():
         raise CodingError("ans payload does not decode to exactly the declared number of indices "
                           "(truncated, corrupt, or wrong shape)")
     if out.size and int(out.max()) >= levels:

@@ -61,12 +61,14 @@ def robust_normalize(x: torch.Tensor, width: float = 3.0, over: str = "sample", 
     x: (..., C). over="sample": mu, sigma per row over the last axis (each token alone); over="batch": one pair over
     the whole tensor (the paper). sigma is the population std; a constant row maps to 0. Differentiable.
     """
+    if x.numel() == 0:
+        if over not in NORM_OVER:
+            raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
+        return x * 1.0
     if over == "sample":
         mu = x.mean(dim=-1, keepdim=True)
         sigma = x.std(dim=-1, keepdim=True, correction=0)
     elif over == "batch":
-        if x.numel() == 0:
-            return x.clone()
         mu = x.mean()
         sigma = x.std(correction=0)
     else:
