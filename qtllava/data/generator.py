@@ -19,7 +19,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,10 @@ SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
 SUITE_METRICS = {"soc-vqa": "vqa_accuracy", "soc-mc": "mc_accuracy", "glyph-vqa": "vqa_accuracy",
                  "shape-pope": "pope", "shape-mme": "mme"}
 QUESTIONS_PER_IMAGE = {"soc-vqa": 2, "soc-mc": 1, "glyph-vqa": 1, "shape-pope": 6, "shape-mme": 8}
-# Estimated text tokens (ChatML overhead included, image placeholder counted as 1) an instruction conversation may
-# use: fits max_length - image tokens of the micro (96 - 16) and tiny (160 - 64) presets.
-TEXT_BUDGET = 76
+# Text tokens (ChatML "qwen2" template, the `<image>` placeholder counted as one token) an instruction conversation
+# may use: max_length - image tokens of the micro preset (96 - 16); the tiny preset has 160 - 64 = 96. Turns are
+# picked by an estimate (TEXT_BUDGET - 4), then trailing turns dropped while the trained tokenizer says too long.
+TEXT_BUDGET = 80
 _CHATML_TURN_OVERHEAD = 10
 _STREAMS = {"captions": 1, "instruct_train": 2, "instruct_val": 3,
             **{s: 10 + i for i, s in enumerate(SUITES)}}
@@ -54,6 +56,8 @@ _CAPTION_MIX = (0.4, 0.2, 0.4)
 _INSTRUCT_MIX = (0.45, 0.2, 0.35)
 _P_CAPTION_TURN = 0.3
 _WORLD_WORD_WEIGHT = 20
+_P_MC_LEAD = 0.3
+_WRITERS = 2  # threads that render, encode and write PNGs (Pillow and file I/O release the GIL)
 
 _TOKEN_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
 
@@ -125,9 +129,10 @@ class _Ctx:
     lay: Layout
     seed: int
     seen: dict[str, str]  # scene signature -> group
-    image_hash: "hashlib._Hash"
-    per_split: dict[str, int]
-    scenes: list[dict[str, Any]]
+    pool: ThreadPoolExecutor
+    per_split: dict[str, int] = field(default_factory=dict)
+    scenes: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[tuple[str, Future]] = field(default_factory=list)
 
     def rng(self, split: str) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(entropy=self.seed, spawn_key=(_STREAMS[split],)))
@@ -149,18 +154,32 @@ class _Ctx:
         raise RuntimeError(f"could not draw a new scene for split {split!r} in {_MAX_TRIES} tries")
 
     def save(self, split: str, index: int, scene: Scene) -> tuple[str, str]:
-        """Render and write the PNG; returns (image id, path relative to images/)."""
+        """Queue rendering and writing of the PNG (on a thread pool); returns (image id, path relative to images/).
+
+        Scenes are drawn on the calling thread, so the output does not depend on thread scheduling."""
         image_id = f"{_PREFIX[split]}-{index:06d}"
         rel = f"{split}/{image_id}.png"
-        buf = io.BytesIO()
-        render(scene, self.lay).save(buf, format="PNG")
-        data = buf.getvalue()
-        (self.root / "images" / rel).write_bytes(data)
-        self.image_hash.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        self.pending.append((rel, self.pool.submit(_write_png, scene, self.lay, self.root / "images" / rel)))
         self.per_split[split] = self.per_split.get(split, 0) + 1
         self.scenes.append({"image": rel, "group": _GROUP[split], "kind": scene.kind,
                             "signature": scene.signature(), "content": scene.describe()})
         return image_id, rel
+
+    def finish(self) -> str:
+        """Wait for every queued image; returns the combined sha256 of all images (in generation order)."""
+        h = hashlib.sha256()
+        for rel, fut in self.pending:
+            h.update(rel.encode() + b"\0" + fut.result())
+        self.pending.clear()
+        return h.hexdigest()
+
+
+def _write_png(scene: Scene, lay: Layout, path: Path) -> bytes:
+    buf = io.BytesIO()
+    render(scene, lay).save(buf, format="PNG")
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return hashlib.sha256(data).digest()
 
 
 def _pick_kind(rng: np.random.Generator, mix: tuple[float, float, float]) -> str:
@@ -209,14 +228,20 @@ def _turn_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
 
 def _instruct_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     turns: list[tuple[str, str]] = []
-    if rng.random() < _P_CAPTION_TURN:
+    u = rng.random()
+    if u < _P_CAPTION_TURN:
         turns.append((Q.CAPTION_PROMPTS[int(rng.integers(0, len(Q.CAPTION_PROMPTS)))], Q.caption(scene)))
+    elif scene.kind == "soc" and u < _P_CAPTION_TURN + _P_MC_LEAD:
+        # multiple-choice turns are long; leading with one makes sure enough of them fit the budget
+        qa = Q.soc_mc_question(scene, Q.SOC_MC_TYPES[int(rng.integers(0, len(Q.SOC_MC_TYPES)))], rng)
+        if qa is not None:
+            turns.append((qa.text, qa.answer))
     max_turns = int(rng.integers(2, 5))
     used = 2  # "<image>\n"
     conv: list[dict[str, str]] = []
     for prompt, answer in turns + _turn_pool(scene, rng):
         cost = estimate_tokens(prompt) + estimate_tokens(answer) + _CHATML_TURN_OVERHEAD
-        if conv and (used + cost > TEXT_BUDGET or len(conv) // 2 >= max_turns):
+        if conv and (used + cost > TEXT_BUDGET - 4 or len(conv) // 2 >= max_turns):
             continue
         if not conv:
             prompt = f"<image>\n{prompt}"
@@ -332,6 +357,17 @@ def _training_texts(*corpora: list[dict[str, Any]]):
                 yield f"{role}\n" + t["value"].replace("<image>", "")
 
 
+def _fit_budget(records: list[dict[str, Any]], tok: Any) -> None:
+    """Drop trailing turns (never the first) of conversations longer than TEXT_BUDGET text tokens."""
+    from .templates import get_template
+
+    tmpl = get_template("qwen2")
+    for r in records:
+        conv = r["conversations"]
+        while len(conv) > 2 and len(tmpl.encode(conv, tok, num_image_tokens=1)[0]) > TEXT_BUDGET:
+            del conv[-2:]
+
+
 def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: bool = False) -> Path:
     """Generate (or find cached) data for a DataConfig at `image_size` px under `root` (default `cfg.root`).
 
@@ -348,18 +384,20 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     root.mkdir(parents=True, exist_ok=True)
     _clear(root)
     (root / "images").mkdir()
-    ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, image_hash=hashlib.sha256(),
-               per_split={}, scenes=[])
     log.info("generating data in %s (seed %d, %d px)", root, cfg.seed, image_size)
-    captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
-    train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, _instruct_record)
-    val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, _instruct_record)
+    with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
+        ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, pool=pool)
+        captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
+        train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, _instruct_record)
+        val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, _instruct_record)
+        metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
+        images_sha = ctx.finish()
+    _dump_jsonl(root / "scenes.jsonl", ctx.scenes)
+    tok = train_tokenizer(_training_texts(captions, train), cfg.vocab_size, root / "tokenizer")
+    _fit_budget(train + val, tok)
     _dump_json(root / "captions.json", captions)
     _dump_json(root / "instruct_train.json", train)
     _dump_json(root / "instruct_val.json", val)
-    metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
-    _dump_jsonl(root / "scenes.jsonl", ctx.scenes)
-    tok = train_tokenizer(_training_texts(captions, train), cfg.vocab_size, root / "tokenizer")
     files = sorted([p for p in root.glob("*.json") if p.name != "manifest.json"] + [root / "scenes.jsonl"]
                    + list((root / "suites").glob("*/*")) + list((root / "tokenizer").glob("*")))
     manifest = {
@@ -370,7 +408,7 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
                    **{s: m["n"] for s, m in metas.items()}},
         "tokenizer": {"vocab_size": len(tok)},
         "images": {"count": sum(ctx.per_split.values()), "per_split": ctx.per_split,
-                   "sha256": ctx.image_hash.hexdigest()},
+                   "sha256": images_sha},
         "files": {str(p.relative_to(root)): _sha256(p) for p in files},
     }
     _dump_json(root / "manifest.json", manifest)

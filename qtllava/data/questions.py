@@ -209,7 +209,8 @@ def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | 
     if qa is None:
         return None
     cands = _mc_candidates(qtype, scene, qa)
-    k = int(rng.integers(2, min(5, len(cands)) + 1))
+    # two-candidate types (shape, yes/no) give 2 options; the others 3-5, so every option count is common
+    k = 2 if len(cands) == 2 else int(rng.integers(3, min(5, len(cands)) + 1))
     wrong = [c for c in cands if c != qa.answer]
     opts = [qa.answer] + [wrong[int(i)] for i in rng.choice(len(wrong), size=k - 1, replace=False)]
     opts = [opts[int(i)] for i in rng.permutation(k)]

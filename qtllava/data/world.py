@@ -180,6 +180,7 @@ class Word:
     y: int
     row: int  # 0 = top half, 1 = bottom half (by the text's centre)
     col: int  # 0, 1, 2: left / middle / right third (by the text's centre)
+    cell: tuple[int, int] = (0, 0)  # (column, row) of the text's centre on an 8 x 8 grid (for the signature)
 
 
 @dataclass
@@ -190,12 +191,14 @@ class Scene:
     words: list[Word] = field(default_factory=list)
 
     def signature(self) -> str:
-        """Coarse identity of a scene: its content at grid-cell resolution (positions within a cell ignored).
+        """Coarse identity of a scene: its content at grid-cell resolution (positions within a cell ignored):
+        objects by colour, shape and 4 x 4 cell; words by text, colour and the 8 x 8 cell of their centre (the
+        finer grid keeps enough distinct one-word scenes for large corpora).
 
         Two scenes with equal signatures count as the same scene for the train / benchmark disjointness rule.
         """
         if self.kind == "glyph":
-            parts = sorted(f"{w.text}:{w.color}:{w.row}{w.col}" for w in self.words)
+            parts = sorted(f"{w.text}:{w.color}:{w.cell[0]}{w.cell[1]}" for w in self.words)
         else:
             parts = sorted(f"{o.color}-{o.shape}@{o.col}{o.row}" for o in self.objects)
         return f"{self.kind}|" + ",".join(parts)
@@ -336,7 +339,8 @@ def sample_glyph(rng: np.random.Generator, lay: Layout, n_words: int | None = No
         bx = int(rng.integers(0, max(0, R - w) + 1))
         by = int(rng.integers(ylo, max(ylo, yhi) + 1))
         cx, cy = bx + w / 2, by + h / 2
-        out.append(Word(text, color, bx, by, row=int(cy >= R / 2), col=min(2, int(3 * cx / R))))
+        out.append(Word(text, color, bx, by, row=int(cy >= R / 2), col=min(2, int(3 * cx / R)),
+                        cell=(min(7, int(8 * cx / R)), min(7, int(8 * cy / R)))))
     return Scene("glyph", lay.image_size, words=out)
 
 
