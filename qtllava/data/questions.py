@@ -94,8 +94,9 @@ def answer_space(suite: str) -> dict[str, list[str]]:
     if suite == "soc-vqa":
         return {"shape": list(SOC_SHAPES), "left": yn, "top": yn, "closest": list(SOC_SHAPES),
                 "furthest": list(SOC_SHAPES), "count": counts}
-    if suite == "soc-mc":
-        return {t: list(LETTERS[:5]) for t in SOC_MC_TYPES}
+    if suite == "soc-mc":  # option letters: 2 options for two-candidate types, else 3-5
+        return {t: list(LETTERS[:2] if t in ("shape", "left", "top", "closest", "furthest") else LETTERS)
+                for t in SOC_MC_TYPES}
     if suite == "glyph-vqa":
         return {"word_color": list(LEXICON)}
     if suite == "shape-pope":
@@ -143,7 +144,7 @@ def _extreme(scene: Scene, ref: Obj, closest: bool) -> Obj | None:
                     reverse=not closest)
     if len(others) < 2:
         return others[0] if others else None
-    margin = 0.08 * (others[0].size)
+    margin = 0.25 * others[0].size  # a quarter of an object: near-ties are not asked
     if abs(distance(others[0], ref) - distance(others[1], ref)) < margin:
         return None
     return others[0]
