@@ -103,6 +103,14 @@ def test_cache(tmp_path):
     assert len(json.loads((r / "captions.json").read_text())) == 24
 
 
+def test_refuses_foreign_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="refusing"):
+        make_data(micro_cfg(), S, root=tmp_path)
+    assert (tmp_path / "images" / "mine.png").exists()
+
+
 def test_disjoint_splits(root):
     groups: dict[str, set[str]] = defaultdict(set)
     pixels: dict[str, set[str]] = defaultdict(set)

@@ -105,8 +105,18 @@ _OUTPUTS = ("manifest.json", "captions.json", "instruct_train.json", "instruct_v
             "images", "suites", "tokenizer")
 
 
+_MARKER = ".qtllava-data"  # written first: marks a folder as the generator's, so clearing it is safe
+
+
 def _clear(root: Path) -> None:
-    """Remove what a previous run wrote (only the generator's own names; other files in root are kept)."""
+    """Remove what a previous run wrote (only the generator's own names; other files in root are kept).
+
+    Refuses (ValueError) to touch a folder that holds such names but was not written by the generator."""
+    ours = (root / _MARKER).exists() or (root / "manifest.json").exists()
+    found = [n for n in _OUTPUTS if (root / n).exists()]
+    if found and not ours:
+        raise ValueError(f"{root} holds {', '.join(found)} but was not written by the data generator; "
+                         f"refusing to overwrite (choose another data root)")
     for name in _OUTPUTS:
         p = root / name
         if p.is_dir():
@@ -383,6 +393,7 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     _clear(root)
+    (root / _MARKER).write_text(f"qtllava data generator v{GENERATOR_VERSION}\n")
     (root / "images").mkdir()
     log.info("generating data in %s (seed %d, %d px)", root, cfg.seed, image_size)
     with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
