@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from qtllava.config import DataConfig, preset
@@ -449,3 +451,31 @@ def test_eval_questions_bad_lines(root, tok, tmp_path):
     assert eq.skipped == {"missing_image": 1, "placeholder_mismatch": 1}
     assert [eq[i]["id"] for i in range(len(eq))] == [0, 3]
     assert eq[1]["pixel_values"].shape == (0, 3, S, S)
+
+
+def test_resolve_tokenizer_prefers_configured_folder(root, tok, tmp_path):
+    tok.save_pretrained(tmp_path / "llm")
+    cfg = micro_cfg(tokenizer=str(tmp_path / "llm"))
+    assert resolve_tokenizer(cfg, root=tmp_path / "nowhere").get_vocab() == tok.get_vocab()
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), images=st.lists(st.integers(0, 2), min_size=5,
+                                                                                     max_size=5),
+       side=st.sampled_from(["right", "left"]))
+def test_collate_properties(lengths, images, side):
+    samples = []
+    for i, n in enumerate(lengths):
+        ids = torch.arange(1, n + 1)
+        samples.append({"id": str(i), "input_ids": ids, "labels": torch.where(ids % 2 == 0, ids, -100),
+                        "pixel_values": torch.full((images[i], 3, 2, 2), float(i))})
+    b = collate(samples, pad_id=0, padding_side=side)
+    T = max(lengths)
+    assert b["input_ids"].shape == (len(lengths), T)
+    assert b["attention_mask"].sum(1).tolist() == lengths
+    assert ((b["input_ids"] == 0) == (b["attention_mask"] == 0)).all()
+    assert (b["labels"][b["attention_mask"] == 0] == -100).all()
+    for r, s in enumerate(samples):
+        assert b["input_ids"][r][b["attention_mask"][r] == 1].tolist() == s["input_ids"].tolist()
+    assert b["pixel_values"].shape[0] == sum(images[: len(lengths)])
+    assert b["pixel_values"][:, 0, 0, 0].tolist() == [float(i) for i in range(len(lengths)) for _ in range(images[i])]
