@@ -27,6 +27,9 @@ bench: bench-baseline
 bench-baseline: $(STAMP)
 	$(BIN)/python benchmarks/baseline.py
 
+bench-codec: $(STAMP)
+	$(BIN)/python benchmarks/codec.py
+
 clean:
 	rm -rf runs/demo data/micro
 

@@ -11,7 +11,7 @@ from qtllava.compress import coding
 from qtllava.compress.coding import (CodingError, ans_decode, ans_encode, empirical_entropy, index_bits, pack_indices,
                                      unpack_indices)
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

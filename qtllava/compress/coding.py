@@ -47,7 +47,9 @@ _GROUP_CHOICES = (2, 4, 8, 16, 32)
 _LLOYD_STEPS = 6
 _SAMPLE_ELEMENTS = 1 << 17  # rows sampled to decide whether channel groups may pay
 _GATE_GROUPS = 8
-_MAX_GROUPED_LEVELS = 32  # above this, one model per group costs too many side bytes to pay on one packet
+_MAX_GROUPED_LEVELS = 32
+_TRANSPOSE_BLOCK = 256
+_HIST_CHUNK = 1 << 20  # bincount in chunks that stay in cache  # above this, one model per group costs too many side bytes to pay on one packet
 
 
 class CodingError(ValueError):
@@ -161,7 +163,10 @@ def histogram(idx: np.ndarray, levels: int) -> np.ndarray:
     flat = np.ascontiguousarray(idx).reshape(-1)
     if levels <= 8 and flat.dtype == np.uint8:  # a few compare-and-count passes beat bincount here
         return np.array([np.count_nonzero(flat == k) for k in range(levels)], dtype=np.int64)
-    return np.bincount(flat, minlength=levels)[:levels].astype(np.int64)
+    out = np.zeros(levels, dtype=np.int64)
+    for i in range(0, flat.size, _HIST_CHUNK):
+        out += np.bincount(flat[i:i + _HIST_CHUNK], minlength=levels)[:levels]
+    return out
 
 
 def empirical_entropy(idx_or_counts: np.ndarray, levels: int | None = None) -> float:
@@ -236,24 +241,28 @@ def _entropy_bits(counts: np.ndarray) -> np.ndarray:
 
 
 def _channel_counts(rows: np.ndarray, levels: int) -> np.ndarray:
-    """(rows, C) indices -> (C, L) counts per channel, in one bincount."""
+    """(rows, C) indices -> (C, L) counts per channel, in one bincount (meant for row samples)."""
     c = rows.shape[1]
     offs = rows.astype(np.int32) + np.arange(c, dtype=np.int32) * levels
     return np.bincount(offs.reshape(-1), minlength=c * levels).reshape(c, levels)
 
 
-def _grouping_pays_on_sample(rows: np.ndarray, levels: int, max_groups: int, n_total: int) -> bool:
-    """Held-out test on a row sample: do channel groups fitted on even sample rows beat one pooled model on the odd
-    sample rows by more than the assignment and the extra models cost? (Cheap: a few thousand rows at most.)"""
+def _sample_channel_counts(rows: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel counts of two disjoint row samples (even and odd strided rows), about _SAMPLE_ELEMENTS in all."""
     step = max(1, rows.size // _SAMPLE_ELEMENTS)
-    fit, held = _channel_counts(rows[::2 * step], levels), _channel_counts(rows[step::2 * step], levels)
+    return _channel_counts(rows[::2 * step], levels), _channel_counts(rows[step::2 * step], levels)
+
+
+def _grouping_pays(fit: np.ndarray, held: np.ndarray, max_groups: int, n_total: int) -> bool:
+    """Held-out test: do channel groups fitted on one row sample beat one pooled model on the other sample by more
+    than the assignment and the extra models cost, scaled to the whole array?"""
     n_held = held.sum()
     if n_held == 0:
         return False
+    c, levels = fit.shape
     pooled = fit.sum(0) + 0.5
     pooled_bits = -(held.sum(0) * np.log2(pooled / pooled.sum())).sum()
-    c = rows.shape[1]
-    g = min(_GATE_GROUPS, max_groups, c)  # one middle-sized grouping stands in for all (the full plan tries all)
+    g = min(_GATE_GROUPS, max_groups, c)  # one middle-sized grouping stands in for all (the plan tries all)
     assign = _lloyd_groups(fit, g)
     g_counts = np.eye(int(assign.max()) + 1)[assign].T @ fit + 0.5
     logp = np.log2(g_counts / g_counts.sum(1, keepdims=True))
@@ -280,8 +289,8 @@ def _lloyd_groups(ch_counts: np.ndarray, groups: int) -> np.ndarray:
     return assign.reshape(-1)
 
 
-def _plan_grouped(ch_counts: np.ndarray, max_groups: int):
-    """Best channel grouping: (assign, fitted models, estimated bits incl. side information), or None."""
+def _choose_assignment(ch_counts: np.ndarray, max_groups: int, scale: float) -> np.ndarray | None:
+    """Channel -> group over G in _GROUP_CHOICES (<= max_groups), by estimated total bits (counts x scale)."""
     c, levels = ch_counts.shape
     best = None
     for g in _GROUP_CHOICES:
@@ -292,16 +301,18 @@ def _plan_grouped(ch_counts: np.ndarray, max_groups: int):
         if ng < 2:
             continue
         g_counts = np.eye(ng)[assign].T @ ch_counts
-        est = 16 + c * index_bits(ng) + _entropy_bits(g_counts).sum() + 8 * ng * _model_bytes(levels, 10)
+        est = c * index_bits(ng) + scale * _entropy_bits(g_counts).sum() + 8 * ng * _model_bytes(levels, 10)
         if best is None or est < best[1]:
             best = (assign, est)
-    if best is None:
-        return None
-    assign = best[0]
-    ng = int(assign.max()) + 1
-    g_counts = (np.eye(ng)[assign].T @ ch_counts).round().astype(np.int64)
-    models = [_fit_model(gc) for gc in g_counts]
-    return assign, models, 16 + c * index_bits(ng) + sum(m[4] for m in models)
+    return None if best is None else best[0]
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    """Contiguous transpose of a 2-D array in row blocks (several times faster than numpy's for uint8)."""
+    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
+    for i in range(0, a.shape[0], _TRANSPOSE_BLOCK):
+        out[:, i:i + _TRANSPOSE_BLOCK] = a[i:i + _TRANSPOSE_BLOCK].T
+    return out
 
 
 # --- ANS -----------------------------------------------------------------------------------------------------
@@ -342,21 +353,22 @@ def ans_encode(idx: np.ndarray, levels: int, groups: int | str = "auto") -> tupl
     if n == 0:
         return b"", bytes((MODE_RAW,))
     max_groups = 32 if groups == "auto" else int(groups)
-    counts = plan = None
+    grouped = None
     if idx.ndim >= 2 and max_groups > 1 and idx.shape[-1] >= 2 and levels <= _MAX_GROUPED_LEVELS:
         rows = idx.reshape(-1, idx.shape[-1])
-        if rows.shape[0] >= 2 and _grouping_pays_on_sample(rows, levels, max_groups, n):
-            ch_counts = _channel_counts(rows, levels)
-            counts = ch_counts.sum(0)
-            plan = _plan_grouped(ch_counts, max_groups)
-    if counts is None:
-        counts = histogram(flat, levels)
+        if rows.shape[0] >= 2:
+            fit, held = _sample_channel_counts(rows, levels)
+            if _grouping_pays(fit, held, max_groups, n):
+                assign = _choose_assignment(fit + held, max_groups, n / (fit.sum() + held.sum()))
+                if assign is not None:
+                    grouped = _GroupedPlan(rows, assign, levels)
+    counts = grouped.counts if grouped is not None else histogram(flat, levels)
     nz = np.flatnonzero(counts)
     if nz.size == 1:
         return b"", bytes((MODE_CONST, int(nz[0])))
     lo, hi, p, q, pooled_bits = _fit_model(counts)
-    if plan is not None and plan[2] < pooled_bits:
-        payload, side = _encode_grouped(idx.reshape(-1, idx.shape[-1]), plan[0], plan[1])
+    if grouped is not None and grouped.bits < pooled_bits:
+        payload, side = grouped.encode()
     elif pooled_bits + 32 >= raw_bits:  # the coder's final state costs >= 32 bits: cannot beat `pack`
         return _pack_bits(flat, index_bits(levels)), bytes((MODE_RAW,))
     else:
@@ -372,21 +384,36 @@ def ans_encode(idx: np.ndarray, levels: int, groups: int | str = "auto") -> tupl
     return payload, side
 
 
-def _encode_grouped(rows: np.ndarray, assign: np.ndarray, models: list) -> tuple[bytes, bytes]:
-    ng = len(models)
-    perm = np.argsort(assign, kind="stable")
-    sizes = np.bincount(assign, minlength=ng) * rows.shape[0]
-    data = np.ascontiguousarray(rows[:, perm].T, dtype=np.int32).reshape(-1)
-    ends = np.cumsum(sizes)
-    coder = _coder_with_sentinel()
-    for g in range(ng - 1, -1, -1):  # a stack: encode the last group first so that decoding runs forward
-        lo, hi, p, q, _ = models[g]
-        seg = data[ends[g] - sizes[g]:ends[g]]
-        if hi > lo:
-            coder.encode_reverse(seg - lo if lo else seg, _categorical(q.astype(np.float64)))
-    side = [bytes((MODE_GROUPED, ng)), _pack_bits(assign, index_bits(ng))]
-    side += [_write_model(lo, hi, p, q) for lo, hi, p, q, _ in models]
-    return coder.get_compressed().astype("<u4").tobytes(), b"".join(side)
+class _GroupedPlan:
+    """Indices regrouped channel-major by group (each group's symbols contiguous), exact counts and fitted models."""
+
+    def __init__(self, rows: np.ndarray, assign: np.ndarray, levels: int):
+        self.assign, self.n_rows = assign, rows.shape[0]
+        self.ng = int(assign.max()) + 1
+        perm = np.argsort(assign, kind="stable")
+        self.data = _transpose(rows)[perm].reshape(-1)  # (C, N) in group order, flattened
+        self.sizes = np.bincount(assign, minlength=self.ng) * self.n_rows
+        self.ends = np.cumsum(self.sizes)
+        self.g_counts = np.stack([histogram(self.segment(g), levels) for g in range(self.ng)])
+        self.counts = self.g_counts.sum(0)
+        self.models = [_fit_model(gc) for gc in self.g_counts]
+        self.bits = 16 + assign.size * index_bits(self.ng) + sum(m[4] for m in self.models)
+
+    def segment(self, g: int) -> np.ndarray:
+        return self.data[self.ends[g] - self.sizes[g]:self.ends[g]]
+
+    def encode(self) -> tuple[bytes, bytes]:
+        coder = _coder_with_sentinel()
+        for g in range(self.ng - 1, -1, -1):  # a stack: encode the last group first so that decoding runs forward
+            lo, hi, p, q, _ = self.models[g]
+            if hi > lo:
+                sym = self.segment(g).astype(np.int32)
+                if lo:
+                    sym -= lo
+                coder.encode_reverse(sym, _categorical(q.astype(np.float64)))
+        side = [bytes((MODE_GROUPED, self.ng)), _pack_bits(self.assign, index_bits(self.ng))]
+        side += [_write_model(lo, hi, p, q) for lo, hi, p, q, _ in self.models]
+        return coder.get_compressed().astype("<u4").tobytes(), b"".join(side)
 
 
 def ans_decode(payload: bytes, side: bytes, levels: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -458,15 +485,17 @@ def _decode_grouped(coder, side: bytes, levels: int, shape: tuple[int, ...]) -> 
         raise CodingError(f"ans side information has {len(side) - pos} trailing bytes")
     sizes = np.bincount(assign, minlength=ng) * n_rows
     dtype = np.uint8 if levels <= 256 else np.uint16
-    parts = []
+    data = np.empty(c * n_rows, dtype=dtype)  # channel-major in group order
+    start = 0
     for g, (lo, hi, q) in enumerate(models):
+        end = start + int(sizes[g])
         if hi == lo:
-            parts.append(np.full(sizes[g], lo, dtype=dtype))
+            data[start:end] = lo
         else:
-            seg = coder.decode(_categorical(q), int(sizes[g])).astype(dtype)
-            parts.append(seg + dtype(lo) if lo else seg)
-    data = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    perm = np.argsort(assign, kind="stable")
-    out = np.empty((n_rows, c), dtype=dtype)
-    out[:, perm] = data.reshape(c, n_rows).T
-    return out
+            data[start:end] = coder.decode(_categorical(q), end - start)
+            if lo:
+                data[start:end] += dtype(lo)
+        start = end
+    by_channel = np.empty((c, n_rows), dtype=dtype)
+    by_channel[np.argsort(assign, kind="stable")] = data.reshape(c, n_rows)
+    return _transpose(by_channel)
