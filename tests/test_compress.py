@@ -313,3 +313,15 @@ def test_empty_batch_every_codec():
         client, server = build_codec(cfg, DIM)
         enc = client(torch.zeros(0, DIM))
         assert server.dequantize(Packet.from_bytes(enc.packet.to_bytes())).shape == enc.values.shape
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.name != "identity"], ids=cfg_id)
+def test_bf16_rows_give_float32_values_equal_to_the_server(cfg):
+    client, server = build_codec(cfg, DIM)
+    client.to(torch.bfloat16)
+    server.to(torch.bfloat16)
+    x = rows(12).to(torch.bfloat16)
+    enc = client(x)
+    assert enc.values.dtype == torch.float32
+    assert torch.equal(server.dequantize(enc.packet), enc.values.detach())
+    assert server(enc.values).dtype == torch.bfloat16 or not list(server.parameters())

@@ -161,3 +161,15 @@ def test_empirical_entropy():
     assert empirical_entropy(np.array([0, 1, 2, 3]), 4) == pytest.approx(2.0)
     assert empirical_entropy(np.zeros(10, np.uint8), 4) == 0.0
     assert empirical_entropy(np.array([3, 1])) == pytest.approx(0.8112781244591328)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(levels=st.integers(2, 32), n_rows=st.integers(2, 200), n_cols=st.integers(2, 64), seed=st.integers(0, 2**32 - 1))
+def test_ans_grouped_round_trip_and_never_much_worse_than_pooled(levels, n_rows, n_cols, seed):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_rows, n_cols)) / 3 * rng.uniform(0.1, 1.0, n_cols) + rng.uniform(-0.6, 0.6, n_cols)
+    idx = np.rint((np.clip(z, -1, 1) + 1) * (levels - 1) / 2).astype(np.uint8)
+    payload, side = ans_encode(idx, levels)
+    assert np.array_equal(ans_decode(payload, side, levels, idx.shape), idx)
+    pooled = sum(map(len, ans_encode(idx, levels, groups=1)))
+    assert len(payload) + len(side) <= pooled + max(8, pooled // 100)

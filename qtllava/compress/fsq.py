@@ -160,7 +160,9 @@ class FsqEncoder(ClientCodec):
     def forward(self, x: torch.Tensor) -> Encoded:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"fsq encoder expects rows (N, {self.dim}), got {tuple(x.shape)}")
-        z = robust_normalize(self.proj(x), self.width, self.over)
+        # statistics, levels and the values handed on are float32 whatever the model dtype, so that they equal
+        # what the server dequantizes
+        z = robust_normalize(self.proj(x).float(), self.width, self.over)
         z_hat, idx = quantize_indices(z, self.levels)
         if z.shape[0]:
             distortion = (1.0 - F.cosine_similarity(z, z_hat.detach(), dim=-1, eps=1e-8)).mean()

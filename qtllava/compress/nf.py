@@ -122,7 +122,7 @@ class NfEncoder(ClientCodec):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"nf encoder expects rows (N, {self.dim}), got {tuple(x.shape)}")
         idx, side, deq = nf_quantize(x, self.bits)
-        values = deq.to(x.dtype).detach() + (x - x.detach())  # exact forward, straight-through backward
+        values = deq.detach() + (x - x.detach()).float()  # float32, exact forward, straight-through backward
         packet = Packet(codec=self.codec_name, shape=tuple(int(s) for s in x.shape),
                         payload=pack_indices(idx, 1 << self.bits), side=side, levels=1 << self.bits, coder="pack",
                         dtype=f"nf{self.bits}")

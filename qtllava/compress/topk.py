@@ -43,9 +43,9 @@ class TopkEncoder(ClientCodec):
         pos = xd.abs().topk(self.k, dim=1).indices
         mask = torch.zeros_like(xd, dtype=torch.bool).scatter_(1, pos, True)
         kept = xd[mask]  # row-major: rows in order, columns ascending within a row
-        wire = torch.zeros_like(xd)
-        wire[mask] = kept.to(torch.float16).to(xd.dtype)
-        values = wire + mask * (x - xd)  # exact forward; gradient only through kept entries
+        wire = torch.zeros(xd.shape, dtype=torch.float32, device=xd.device)
+        wire[mask] = kept.to(torch.float16).float()
+        values = wire + mask * (x - xd).float()  # float32, exact forward; gradient only through kept entries
         bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
         packet = Packet(codec=self.codec_name, shape=tuple(int(s) for s in x.shape),
                         payload=bits + float_to_bytes(kept, "fp16"), levels=0, coder="mask", dtype="fp16")
