@@ -54,7 +54,7 @@ def features_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def gaussian_rows(n_rows: int, dim: int, seed: int, channels: bool) -> torch.Tensor:
-    """Standard normal rows; with `channels`, each channel gets its own mean and scale (structure real features have)."""
+    """Standard normal rows; with `channels`, each channel gets its own mean and scale (as real features do)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_rows, dim, generator=g)
     if channels:
@@ -215,7 +215,8 @@ def print_table(rows: list[dict], crossovers: list[dict]) -> None:
     for r in rows:
         over = f"{100 * (r['bits_per_element'] / r['entropy_bits'] - 1):+.2f}%" if r["entropy_bits"] else "-"
         print(f"{r['shape']:>13} {r['source']:>17} {r['levels']:>3} {r['coder']:>9} {r['bits_per_element']:8.4f} "
-              f"{r['entropy_bits']:7.4f} {over:>7} {r['entropy_channel_bits']:7.4f} {r['encode_melem_s']:8.1f} {r['decode_melem_s']:8.1f} "
+              f"{r['entropy_bits']:7.4f} {over:>7} {r['entropy_channel_bits']:7.4f} "
+              f"{r['encode_melem_s']:8.1f} {r['decode_melem_s']:8.1f} "
               f"{r['encode_melem_s_2threads']:7.1f} {r['decode_melem_s_2threads']:7.1f} "
               f"{r['per_image_encode_decode_ms']:7.2f}")
     print()
