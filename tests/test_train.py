@@ -1,0 +1,105 @@
+"""Micro-preset training: every stage steps, resume is exact, checkpoints load, the pipeline evaluates."""
+
+import json
+
+import pytest
+import torch
+
+from qtllava.config import load_config
+from qtllava.data import make_data
+from qtllava.train.loop import run_stage, sample_indices
+from qtllava.train.recipes import lr_at, recipe
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    cfg = load_config("micro")
+    return make_data(cfg.data, cfg.vision.image_size, root=tmp_path_factory.mktemp("data"))
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def test_every_stage_trains_and_chains(data_root, tmp_path):
+    cfg = load_config("micro", ["train.stage0.steps=6", "train.stage0.lr=3e-3"])
+    r0 = run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)
+    losses = _losses(tmp_path / "s0" / "metrics.jsonl")
+    assert len(losses) == 6 and all(l == l for l in losses)  # no NaN
+    r1 = run_stage(cfg, "stage1", data_root, tmp_path / "s1", init=r0.final, progress=False)
+    r2 = run_stage(cfg, "stage2", data_root, tmp_path / "s2", init=r1.final, progress=False)
+    assert (r2.final / "client" / "model.safetensors").exists() and (r2.final / "server" / "model.safetensors").exists()
+    # Stage 1 trains only connector + codecs: the vision tower and the LLM must be bit-identical to stage 0's.
+    from safetensors.torch import load_file
+
+    c0, c1 = (load_file(r / "client" / "model.safetensors") for r in (r0.final, r1.final))
+    s0, s1 = (load_file(r / "server" / "model.safetensors") for r in (r0.final, r1.final))
+    assert all(torch.equal(c0[k], c1[k]) for k in c0 if k.startswith(("vision_tower", "embed_tokens")))
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0 if k.startswith("connector"))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if k.startswith("llm"))
+    # Stage 2 trains the LLM, not the tower.
+    c2, s2 = load_file(r2.final / "client" / "model.safetensors"), load_file(r2.final / "server" / "model.safetensors")
+    assert all(torch.equal(c1[k], c2[k]) for k in c1 if k.startswith("vision_tower"))
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("llm"))
+    rows = [json.loads(l) for l in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_loss_decreases_on_a_fixed_batch_budget(data_root, tmp_path):
+    cfg = load_config("micro", ["train.stage0.steps=30", "train.stage0.lr=3e-3", "train.checkpoint_every=0"])
+    run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)
+    losses = _losses(tmp_path / "s0" / "metrics.jsonl")
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_resume_continues_exactly(data_root, tmp_path):
+    over = ["train.stage0.steps=6", "train.checkpoint_every=3", "train.stage0.grad_accum=2"]
+    cfg = load_config("micro", over)
+    run_stage(cfg, "stage0", data_root, tmp_path / "full", progress=False)
+    run_stage(cfg, "stage0", data_root, tmp_path / "cut", max_steps=4, progress=False)  # "crash" after step 4
+    assert not (tmp_path / "cut" / "final").exists()
+    run_stage(cfg, "stage0", data_root, tmp_path / "cut", resume=True, progress=False)
+    full, cut = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "cut" / "metrics.jsonl")
+    assert len(cut) == 6
+    assert full == pytest.approx(cut, abs=1e-6)
+    from safetensors.torch import load_file
+
+    for side in ("client", "server"):
+        a = load_file(tmp_path / "full" / "final" / side / "model.safetensors")
+        b = load_file(tmp_path / "cut" / "final" / side / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side
+
+
+def test_sampler_is_a_deterministic_stream_of_epochs():
+    a = sample_indices(10, 4, 8, seed=1)
+    assert a == sample_indices(10, 4, 8, seed=1)
+    first_epoch = sample_indices(10, 10, 0, seed=1)
+    assert sorted(first_epoch) == list(range(10))
+    assert sample_indices(10, 4, 8, seed=1)[:2] == first_epoch[8:10]
+
+
+def test_schedule_warms_up_then_decays():
+    st = load_config("micro").train.stage0
+    st.warmup_ratio, st.lr = 0.2, 1.0
+    lrs = [lr_at(st, s, 10) for s in range(10)]
+    assert lrs[0] < lrs[1] == pytest.approx(1.0) and lrs[-1] < 0.1
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_recipes_freeze_what_the_paper_freezes():
+    assert "vision_tower" not in recipe("stage1").client_trainable + recipe("stage2").client_trainable
+    assert "llm" not in recipe("stage1").server_trainable and "llm" in recipe("stage2").server_trainable
+    assert "connector" in recipe("stage1").fresh
+    with pytest.raises(KeyError, match="unknown stage"):
+        recipe("stage9")
+
+
+def test_pipeline_evaluates_with_baselines(data_root, tmp_path):
+    from qtllava.pipeline import run_pipeline
+
+    cfg = load_config("micro")
+    result = run_pipeline(cfg, tmp_path / "run", data_root=data_root, progress=False)
+    assert set(result["eval"]) == {"soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme"}
+    for r in result["eval"].values():
+        assert {"ours", "chance", "majority"} <= set(r)
+    assert "chance" in result["eval_table"] and (tmp_path / "run" / "eval.json").exists()
