@@ -72,11 +72,88 @@ def cmd_eval(args) -> int:
     from qtllava.eval.model_answer import evaluate_checkpoint
 
     cfg = _config(args)
+    link = _grpc_link(args, cfg) if args.server else None
     text = evaluate_checkpoint(cfg, Path(args.checkpoint), data_root=_data_root(cfg, args), out=args.out,
                                suites=args.suites, limit=args.limit, questions=args.questions,
-                               answers=args.answers)
+                               answers=args.answers, link=link)
     print(text)
     return 0
+
+
+# --- split processes: `serve` hosts the server part, `client` holds the data and drives training -------------
+
+
+def _grpc_link(args, cfg: Config):
+    from qtllava.wire.grpc_transport import ClientOptions, GrpcLink
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else cfg.wire.token
+    return GrpcLink(ClientOptions(target=args.server, token=token, client_name=args.name, tls_ca=args.tls_ca or "",
+                                  tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
+                                  server_name=args.server_name or "", max_message_bytes=cfg.wire.max_message_bytes,
+                                  chunk_bytes=cfg.wire.chunk_bytes, retry_seconds=args.retry_seconds))
+
+
+def cmd_serve(args) -> int:
+    from qtllava.train.serve import build_server_runtime, serve
+    from qtllava.wire.grpc_transport import ServerOptions, read_tokens
+
+    cfg = _config(args)
+    if args.token_file and args.tokens_file:
+        raise SystemExit("qtllava serve: give --token-file or --tokens-file, not both")
+    tokens = read_tokens(args.tokens_file) if args.tokens_file else {}
+    if args.token_file:
+        tokens = {"*": Path(args.token_file).read_text().strip()}
+    elif not tokens and cfg.wire.token:
+        tokens = {"*": cfg.wire.token}
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.client_ca and not args.tls_cert):
+        raise SystemExit("qtllava serve: --tls-cert and --tls-key go together; --client-ca needs both")
+    stage = None if args.stage == "none" else args.stage
+    rt = build_server_runtime(cfg, stage, _data_root(cfg, args), Path(args.out) if args.out else None,
+                              init=args.init, resume=args.resume, cut=args.cut)
+    opts = ServerOptions(listen=args.listen or cfg.wire.listen, tokens=tokens, tls_cert=args.tls_cert or "",
+                         tls_key=args.tls_key or "", client_ca=args.client_ca or "",
+                         max_message_bytes=cfg.wire.max_message_bytes)
+    serve(rt, opts, port_file=args.port_file)
+    return 0
+
+
+def cmd_client(args) -> int:
+    from qtllava.data import make_data
+    from qtllava.train.accounting import format_link_table, read_metrics, summarize_link
+    from qtllava.train.loop import run_stage
+
+    cfg = _config(args)
+    root = make_data(cfg.data, cfg.vision.image_size, root=_data_root(cfg, args))
+    shard = None
+    if args.shard:
+        i, _, n = args.shard.partition("/")
+        shard = (int(i), int(n))
+    link = _grpc_link(args, cfg)
+    try:
+        run = run_stage(cfg, args.stage, root, Path(args.out), init=args.init, resume=args.resume,
+                        max_steps=args.max_steps, progress=not args.no_progress, link=link, cut=args.cut,
+                        client_name=args.name, shard=shard)
+    finally:
+        link.shutdown()
+    rows = read_metrics(Path(args.out) / "metrics.jsonl")
+    print(format_link_table(summarize_link(rows), f"== {run.stage} over {args.server} ({args.cut} cut): bytes on "
+                                                   "the wire (serialized messages) =="))
+    print(f"{run.stage}: {run.steps} steps, last loss {run.last_loss:.4f}, {run.wall_s:.1f} s, "
+          f"{run.rollbacks} rollbacks -> {run.final}")
+    return 0
+
+
+def _client_flags(sp, server: bool) -> None:
+    """Connection flags of a split client (`client`, and `eval --server`)."""
+    if server:
+        sp.add_argument("--server", default="127.0.0.1:50551", help="HOST:PORT of the `qtllava serve` process")
+    sp.add_argument("--name", default="client", help="client name (sent with the token; names its session)")
+    sp.add_argument("--token-file", help="file holding this client's token")
+    sp.add_argument("--tls-ca", help="CA that signed the server certificate (PEM); set: use TLS")
+    sp.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
+    sp.add_argument("--tls-key", help="mutual TLS: this client's private key (PEM)")
+    sp.add_argument("--server-name", help="TLS name to expect in the server certificate")
+    sp.add_argument("--retry-seconds", type=float, default=60.0, help="keep retrying an absent server this long")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +208,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="write the results JSON here")
     sp.add_argument("--questions", help="a LLaVA-format question JSONL file to answer instead of the suites")
     sp.add_argument("--answers", help="where to write the answers JSONL (with --questions)")
+    sp.add_argument("--server", help="generate across the split: HOST:PORT of a `qtllava serve` process")
+    _client_flags(sp, server=False)
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("serve", help="host the server part of a split run (gRPC)")
+    common(sp)
+    sp.add_argument("--listen", help="HOST:PORT (default: wire.listen, 127.0.0.1:50551; port 0 picks a free one)")
+    sp.add_argument("--stage", required=True, choices=["stage0", "stage1", "stage2", "none"],
+                    help="the stage to train; none: generation only from --init")
+    sp.add_argument("--init", help="previous stage's final folder (its server/ half is read)")
+    sp.add_argument("--out", help="checkpoints, final/ and per-client metrics.jsonl go here")
+    sp.add_argument("--resume", action="store_true", help="load the latest checkpoint in --out")
+    sp.add_argument("--cut", default="paper", choices=["paper", "u"])
+    sp.add_argument("--token-file", help="file holding the one token every client must present")
+    sp.add_argument("--tokens-file", help="file of name=token lines (a key per client)")
+    sp.add_argument("--tls-cert", help="server certificate chain (PEM)")
+    sp.add_argument("--tls-key", help="server private key (PEM)")
+    sp.add_argument("--client-ca", help="mutual TLS: CA that signs client certificates (PEM)")
+    sp.add_argument("--port-file", help="write the bound port here once listening")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("client", help="hold the data and drive training of one stage across a split (gRPC)")
+    common(sp)
+    sp.add_argument("--stage", required=True, choices=["stage0", "stage1", "stage2"])
+    sp.add_argument("--init", help="previous stage's final folder (its client/ half is read)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--max-steps", type=int, help="stop after this step (the schedule still plans the full stage)")
+    sp.add_argument("--cut", default="paper", choices=["paper", "u"],
+                    help="u: the client also holds the LM head and the loss (labels never leave it)")
+    sp.add_argument("--shard", help="I/N: train on every N-th sample starting at I (several clients)")
+    sp.add_argument("--no-progress", action="store_true")
+    _client_flags(sp, server=True)
+    sp.set_defaults(func=cmd_client)
     return p
 
 

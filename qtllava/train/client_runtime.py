@@ -1,7 +1,8 @@
 """The client side of a split step: data in, packets out, gradients back, optimizer step.
 
 `ClientRuntime.train_step` is the one step function: simulation and deployment differ only in the `link` (an
-in-process `LoopbackLink` or a gRPC link); the client code, codecs and server code are the same.
+in-process `LoopbackLink` or a gRPC link); the client code, codecs and server code are the same. With the U-shaped
+cut (`cut="u"`) the client also holds the LM head and the loss: labels never leave it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from pathlib import Path
 import torch
 
 from qtllava.compress.base import Packet, nbytes
-from qtllava.compress.grad import decode_grad
+from qtllava.compress.grad import decode_grad, encode_grad
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
 from qtllava.train.recipes import apply_trainable, lr_at, make_optimizer, recipe
 from qtllava.train.server_runtime import HASH_SECTIONS
+from qtllava.train.ucut import HEAD_FOLDER, ClientHead, check_cut, head_loss
 from qtllava.wire.messages import PROTOCOL_VERSION, ids_from_bytes, labels_to_wire, pb
 
-__all__ = ["ClientRuntime", "StepStats"]
+__all__ = ["ClientRuntime", "StepStats", "make_hello"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,11 @@ class StepStats:
     seconds: float
     bytes_up: int
     bytes_down: int
-    payload_up: dict[str, int]
-    payload_down: dict[str, int]
+    payload_up: dict[str, int]  # bytes of each request field, summed over the step's messages
+    payload_down: dict[str, int]  # bytes of each reply field
     elements_up: dict[str, int]
+    messages_up: list[int]  # serialized size of every request of the step, in order
+    messages_down: list[int]  # serialized size of every reply
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -55,12 +59,25 @@ def _byte_size(msg) -> int:
     return msg.ByteSize()
 
 
+def make_hello(cfg: Config, name: str = "client", session_id: str = "", cut: str = "paper",
+               resume_step: int | None = None) -> pb.Hello:
+    """The handshake a client with configuration `cfg` sends (hash and JSON of the sections both sides share)."""
+    cfg_dict = {k: v for k, v in to_dict(cfg).items() if k in HASH_SECTIONS}
+    return pb.Hello(protocol_version=PROTOCOL_VERSION, config_hash=config_hash(cfg, HASH_SECTIONS),
+                    config_json=json.dumps(cfg_dict, sort_keys=True), session_id=session_id, client_name=name,
+                    cut=cut, resume=resume_step is not None, resume_step=resume_step or 0)
+
+
 class ClientRuntime:
     """Holds a `ClientPart` and its optimizer; talks to a server through `link`."""
 
     def __init__(self, part: ClientPart, cfg: Config, link, stage: str | None = None, total_steps: int = 0,
-                 name: str = "client", vocab_size: int = 0):
+                 name: str = "client", vocab_size: int = 0, cut: str = "paper", head: ClientHead | None = None):
         self.part = part
+        self.cut = check_cut(cut)
+        if cut == "u" and head is None:
+            raise ValueError("the U-shaped cut needs the LM head on the client (head=ClientHead)")
+        self.head = head if cut == "u" else None
         self.cfg = cfg
         self.link = link
         self.stage = stage
@@ -75,22 +92,37 @@ class ClientRuntime:
             rec = recipe(stage)
             self.stage_cfg = getattr(cfg.train, stage)
             self.trainable = [p for p in apply_trainable(part, rec.client_trainable) if p.requires_grad]
+            if self.head is not None:  # the head trains where the server's LLM would
+                self.head.requires_grad_("llm" in rec.server_trainable)
+                self.trainable += [p for p in self.head.parameters() if p.requires_grad]
             self.optimizer = make_optimizer(self.trainable, self.stage_cfg)
         else:
             part.requires_grad_(False)
+            if self.head is not None:
+                self.head.requires_grad_(False)
+        self.rolled_back = False
         self._generation = 0
 
     # --- session ----------------------------------------------------------------------------------------------
 
-    def connect(self, session_id: str = "") -> int:
-        """Handshake; returns the server's next step for this session (resume point)."""
-        cfg_dict = {k: v for k, v in to_dict(self.cfg).items() if k in HASH_SECTIONS}
-        reply = self.link.handshake(pb.Hello(
-            protocol_version=PROTOCOL_VERSION, config_hash=config_hash(self.cfg, HASH_SECTIONS),
-            config_json=json.dumps(cfg_dict, sort_keys=True), session_id=session_id or self.session_id,
-            client_name=self.name, cut="paper"))
+    def connect(self, session_id: str = "", resume_step: int | None = None) -> int:
+        """Handshake; returns the server's next step for this session (resume point).
+
+        resume_step: this client restarts from its checkpoint of that step; a server that is ahead rolls back to
+        its own checkpoint at or below it (the reply's next step says where it landed).
+        """
+        reply = self.link.handshake(make_hello(self.cfg, self.name, session_id or self.session_id, self.cut,
+                                               resume_step))
         self.session_id = reply.session_id
+        self.rolled_back = reply.rolled_back
         return reply.next_step
+
+    def zero_grad(self) -> None:
+        """Drop partial gradients (e.g. of a step the server refused before a rollback)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.trainable:
+            p.grad = None
 
     # --- training ---------------------------------------------------------------------------------------------
 
@@ -101,22 +133,44 @@ class ClientRuntime:
         t0 = time.perf_counter()
         count = len(micro_batches)
         losses, aux_total, samples = [], 0.0, 0
-        up = down = 0
-        payload_up = {"image": 0, "text": 0, "labels": 0, "layout": 0}
-        payload_down = {"image": 0, "text": 0}
+        payload_up = {"image": 0, "text": 0, "labels": 0, "layout": 0, "hidden_grad": 0}
+        payload_down = {"image": 0, "text": 0, "hidden": 0}
         elements = {"image": 0, "text": 0}
+        sizes_up: list[int] = []
+        sizes_down: list[int] = []
+
+        def send(req):
+            sizes_up.append(_byte_size(req))
+            reply = self.link.step(req)
+            sizes_down.append(_byte_size(reply))
+            return reply
+
         for k, batch in enumerate(micro_batches):
             out = self.part(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
-            mask, ids, width = labels_to_wire(batch["labels"], self.vocab_size)
             layout_bytes = out.layout.to_bytes()
             req = pb.StepRequest(
                 session_id=self.session_id, step_id=self.step_id, micro_index=k, micro_count=count,
                 stage=self.stage, batch=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1],
                 layout=layout_bytes, image=out.image.packet.to_bytes(), text=out.text.packet.to_bytes(),
-                label_mask=mask, label_ids=ids, label_width=width, total_steps=self.total_steps)
-            up += _byte_size(req)
-            reply = self.link.step(req)
-            down += _byte_size(reply)
+                total_steps=self.total_steps)
+            if self.cut == "paper":
+                mask, ids, width = labels_to_wire(batch["labels"], self.vocab_size)
+                req.label_mask, req.label_ids, req.label_width = mask, ids, width
+                reply = send(req)
+                losses.append(reply.loss)
+                payload_up["labels"] += len(mask) + len(ids)
+            else:
+                reply = send(req)  # -> the server's final hidden states at the predicting positions
+                hidden = decode_grad(Packet.from_bytes(reply.hidden)).requires_grad_(True)
+                payload_down["hidden"] += len(reply.hidden)
+                loss, _ = head_loss(self.head, hidden, batch["labels"], out.layout)
+                (loss / count).backward()
+                g = encode_grad(hidden.grad, self._downlink()).to_bytes()
+                reply = send(pb.StepRequest(session_id=self.session_id, step_id=self.step_id, micro_index=k,
+                                            micro_count=count, stage=self.stage, total_steps=self.total_steps,
+                                            hidden_grad=g))
+                losses.append(float(loss.detach()))
+                payload_up["hidden_grad"] += len(g)
             g_img = decode_grad(Packet.from_bytes(reply.image_grad))
             g_txt = decode_grad(Packet.from_bytes(reply.text_grad))
             aux = out.image.aux_loss + out.text.aux_loss
@@ -130,17 +184,16 @@ class ClientRuntime:
                 grads.append(None)
             if tensors:
                 torch.autograd.backward(tensors, grads)
-            losses.append(reply.loss)
             aux_total += float(aux.detach())
             samples += batch["input_ids"].shape[0]
             payload_up["image"] += nbytes(out.image.packet)
             payload_up["text"] += nbytes(out.text.packet)
-            payload_up["labels"] += len(mask) + len(ids)
             payload_up["layout"] += len(layout_bytes)
             payload_down["image"] += len(reply.image_grad)
             payload_down["text"] += len(reply.text_grad)
             elements["image"] += out.image.packet.numel
             elements["text"] += out.text.packet.numel
+        up, down = sum(sizes_up), sum(sizes_down)
         lr = lr_at(self.stage_cfg, self.step_id, self.total_steps)
         if self.optimizer is not None:
             if self.stage_cfg.max_grad_norm > 0:
@@ -151,9 +204,14 @@ class ClientRuntime:
             self.optimizer.zero_grad(set_to_none=True)
         stats = StepStats(step=self.step_id, loss=sum(losses) / count, aux_loss=aux_total / count, lr=lr,
                           samples=samples, seconds=time.perf_counter() - t0, bytes_up=up, bytes_down=down,
-                          payload_up=payload_up, payload_down=payload_down, elements_up=elements)
+                          payload_up=payload_up, payload_down=payload_down, elements_up=elements,
+                          messages_up=sizes_up, messages_down=sizes_down)
         self.step_id += 1
         return stats
+
+    def _downlink(self) -> str:
+        """Tensor codec of hidden states and their gradients in the U cut (the stage's downlink codec)."""
+        return self.cfg.compress.downlink
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -171,7 +229,7 @@ class ClientRuntime:
         done = torch.zeros(bsz, dtype=torch.bool)
         try:
             for r in range(1, max_new_tokens + 1):
-                next_ids = ids_from_bytes(reply.next_ids, bsz)
+                next_ids = self._next_ids(reply, bsz)
                 for i in range(bsz):
                     if not done[i]:
                         if int(next_ids[i]) == eos_token_id:
@@ -188,15 +246,23 @@ class ClientRuntime:
             self.link.generate(pb.GenerateRequest(session_id=self.session_id, generation_id=gid, close=True))
         return results
 
+    def _next_ids(self, reply: pb.GenerateReply, bsz: int) -> torch.Tensor:
+        if self.cut == "paper":
+            return ids_from_bytes(reply.next_ids, bsz)
+        hidden = decode_grad(Packet.from_bytes(reply.hidden)).reshape(bsz, -1)
+        return self.head(hidden.to(self.head.lm_head.weight.dtype)).argmax(dim=-1)
+
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.part.save_pretrained(path / "client")
+        if self.head is not None:
+            self.head.save_pretrained(path / HEAD_FOLDER)
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None,
                     "rng": torch.get_rng_state()}, path / "client_optim.pt")
-        state = {"step_id": self.step_id, "session_id": self.session_id, "stage": self.stage}
+        state = {"step_id": self.step_id, "session_id": self.session_id, "stage": self.stage, "cut": self.cut}
         state.update(extra or {})
         (path / "client_state.json").write_text(json.dumps(state, indent=2))
         return path
@@ -205,6 +271,8 @@ class ClientRuntime:
         path = Path(path)
         loaded = ClientPart.from_pretrained(path / "client")
         self.part.load_state_dict(loaded.state_dict())
+        if self.head is not None:
+            self.head.load(path / HEAD_FOLDER)
         blob = torch.load(path / "client_optim.pt", weights_only=True)
         if self.optimizer is not None and blob["optimizer"] is not None:
             self.optimizer.load_state_dict(blob["optimizer"])

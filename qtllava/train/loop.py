@@ -2,6 +2,8 @@
 
 Data order is a pure function of (seed, stage, step), and every piece of state (weights, optimizer moments, RNGs,
 server sessions) goes into each checkpoint, so a run interrupted at step k and resumed equals the uninterrupted one.
+In a split run (a remote link) the client drives: it asks the server to checkpoint at the steps it checkpoints, and
+after a crash of either side both roll back to their latest common checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -24,10 +27,13 @@ from qtllava.model.parts import ClientPart, ServerPart, build_parts
 from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import recipe, set_seed, stage_compress
 from qtllava.train.server_runtime import ServerRuntime
+from qtllava.train.ucut import ClientHead, check_cut, load_head_weight
+from qtllava.wire.grpc_transport import RemoteError
 from qtllava.wire.loopback import LoopbackLink
+from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "STAGES"]
+           "sample_indices", "stage_parts", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +93,17 @@ class StageRun:
     wall_s: float
     last_loss: float
     traffic: dict
+    rollbacks: int = 0  # split mode: times the client rolled back to a common checkpoint with the server
 
 
-def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRuntime, cfg: Config) -> Path:
+def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRuntime | None, cfg: Config) -> Path:
     """Write to a temporary folder and rename, so a crash never leaves a half checkpoint behind."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    server_rt.save(tmp)
+    if server_rt is not None:
+        server_rt.save(tmp)
     client_rt.save(tmp)
     (tmp / "config.toml").write_text(to_toml(cfg))
     (tmp / "DONE").write_text("")
@@ -105,16 +113,16 @@ def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRun
     return final
 
 
-def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Path, init: str | Path | None = None,
-              resume: bool = False, max_steps: int | None = None, progress: bool = True) -> StageRun:
-    """Train `stage` from `init` (a previous stage's final folder; None = from scratch) into `out_dir`.
+def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | None = None,
+                sides: tuple[str, ...] = ("client", "server")):
+    """Seed, tokenizer and both parts of a stage, as every process of a run builds them.
 
-    `max_steps` stops early (for tests of interruption); the schedule still plans `cfg.train.<stage>.steps`.
+    Both parts are always built (a split process then drops the half it does not host), so the weights a stage
+    starts fresh draw the same random numbers in one process and in two. Only the halves named in `sides` load
+    their weights from `init/<side>`. -> (stage config, tokenizer, client, server)
     """
-    data_root, out_dir = Path(data_root), Path(out_dir)
     rec = recipe(stage)
     scfg = stage_config(cfg, stage)
-    st = getattr(cfg.train, stage)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed + STAGES.index(stage))
@@ -122,26 +130,95 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
     client, server = build_parts(scfg, vocab_size=len(tok), image_token_id=image_token_id(tok))
     if init is not None:
         init = Path(init)
-        load_part_weights(client, init / "client", ClientPart, rec.fresh)
-        load_part_weights(server, init / "server", ServerPart, rec.fresh)
+        if "client" in sides:
+            load_part_weights(client, init / "client", ClientPart, rec.fresh)
+        if "server" in sides:
+            load_part_weights(server, init / "server", ServerPart, rec.fresh)
+    return scfg, tok, client, server
+
+
+def client_head(server: ServerPart, init: str | Path | None) -> ClientHead:
+    """The U-cut client's LM head at the start of a stage: from `init` (its own or the server part's head), else
+    a copy of the freshly built server part's head (same random numbers as the paper cut)."""
+    if init is None:
+        return ClientHead.from_weight(server.llm.get_output_embeddings().weight.detach())
+    return ClientHead.from_weight(load_head_weight(Path(init)))
+
+
+class _MetricsLog:
+    """metrics.jsonl of a stage: one row per optimizer step; rows after a rollback point can be dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None:
+            _truncate_metrics(path, resume_step)
+        elif path.exists():
+            path.unlink()
+        self.file = path.open("a")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def truncate(self, step: int) -> None:
+        self.file.close()
+        _truncate_metrics(self.path, step)
+        self.file = self.path.open("a")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Path, init: str | Path | None = None,
+              resume: bool = False, max_steps: int | None = None, progress: bool = True, link=None,
+              cut: str = "paper", client_name: str = "client", shard: tuple[int, int] | None = None) -> StageRun:
+    """Train `stage` from `init` (a previous stage's final folder; None = from scratch) into `out_dir`.
+
+    `max_steps` stops early (for tests of interruption); the schedule still plans `cfg.train.<stage>.steps`.
+    `link`: None runs the server part in this process (loopback); a remote link (e.g. `GrpcLink`) makes this the
+    client of a split run: only the client part is kept, and at every checkpoint step the server is asked to save
+    its own checkpoint (Checkpoint RPC) before the client saves. When the server restarted or the client resumes,
+    both roll back to their latest common checkpoint (see `ServerRuntime`). `shard=(i, n)`: this client trains on
+    every n-th sample starting at i (several clients, each with its own data).
+    """
+    data_root, out_dir = Path(data_root), Path(out_dir)
+    remote = link is not None
+    check_cut(cut)
+    rec = recipe(stage)
+    st = getattr(cfg.train, stage)
+    scfg, tok, client, server = stage_parts(cfg, stage, data_root, init,
+                                           ("client",) if remote else ("client", "server"))
+    head = client_head(server, init) if cut == "u" else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    server_rt = ServerRuntime(server, scfg, stage, total_steps=st.steps, checkpoint_dir=out_dir / "checkpoints",
-                              generator_seed=cfg.train.seed)
-    link = LoopbackLink(server_rt)
-    client_rt = ClientRuntime(client, scfg, link, stage, total_steps=st.steps, vocab_size=len(tok))
+    server_rt = None
+    if remote:
+        del server
+    else:
+        server_rt = ServerRuntime(server, scfg, stage, total_steps=st.steps,
+                                  checkpoint_dir=out_dir / "checkpoints", generator_seed=cfg.train.seed, cut=cut)
+        link = LoopbackLink(server_rt)
+    client_rt = ClientRuntime(client, scfg, link, stage, total_steps=st.steps, vocab_size=len(tok),
+                              name=client_name, cut=cut, head=head)
     start = 0
-    metrics_path = out_dir / "metrics.jsonl"
-    if resume and (ck := latest_checkpoint(out_dir)) is not None:
-        server_rt.load(ck)
+    ck = latest_checkpoint(out_dir) if resume else None
+    if ck is not None:
+        if server_rt is not None:
+            server_rt.load(ck)
         state = client_rt.load(ck)
         start = state["step_id"]
         log.info("%s: resuming from %s at step %d", stage, ck, start)
-        _truncate_metrics(metrics_path, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    next_step = client_rt.connect()
-    if next_step != start:
-        raise RuntimeError(f"server expects step {next_step}, client is at step {start}")
+    mlog = _MetricsLog(out_dir / "metrics.jsonl", start if ck is not None else None)
+    rollbacks = 0
+    if remote and ck is not None:
+        start = _rejoin(client_rt, out_dir, start)
+        mlog.truncate(start)
+    else:
+        next_step = client_rt.connect()
+        if next_step != start:
+            raise RuntimeError(f"server expects step {next_step}, client is at step {start}")
+        if remote:  # a common step-0 checkpoint, so that both sides can roll back to the very start
+            client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=0))
+            _save_checkpoint(out_dir / "checkpoints" / f"step-{0:06d}", client_rt, None, scfg)
 
     template = cfg.data.template if rec.template == "chat" else "pretrain"
     datasets = [LlavaDataset.load(data_root / name, data_root / "images", tok, template=template,
@@ -150,34 +227,103 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
                                   image_std=cfg.vision.image_std, skip_bad=cfg.data.skip_bad)
                 for name in rec.data]
     index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+        index = index[i::n]
     seed = cfg.train.seed * 1000 + STAGES.index(stage)
     end = st.steps if max_steps is None else min(st.steps, max_steps)
     t0 = time.perf_counter()
     last_loss = float("nan")
     bar = tqdm(range(start, end), desc=stage, disable=not progress, initial=start, total=st.steps)
-    with metrics_path.open("a") as mlog:
-        for step in bar:
+    step = start
+    try:
+        while step < end:
             micro = []
             for m in range(st.grad_accum):
                 pos = (step * st.grad_accum + m) * st.batch_size
                 samples = [datasets[index[j][0]][index[j][1]] for j in sample_indices(len(index), st.batch_size, pos, seed)]
                 micro.append(collate(samples, pad_id=tok.pad_token_id, padding_side="right"))
-            stats = client_rt.train_step(micro)
+            done = step + 1
+            try:
+                stats = client_rt.train_step(micro)
+                if remote and cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 \
+                        and done < st.steps:
+                    client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=done))
+            except RemoteError as e:
+                if not remote or e.code not in _RECOVERABLE:
+                    raise
+                log.warning("%s: server refused step %d (%s); rolling back to a common checkpoint", stage, step,
+                            e.details)
+                step = _rejoin(client_rt, out_dir, client_rt.step_id)
+                mlog.truncate(step)
+                rollbacks += 1
+                bar.n = step
+                bar.refresh()
+                continue
             last_loss = stats.loss
             row = {"stage": stage, **stats.as_dict()}
-            mlog.write(json.dumps(row) + "\n")
-            mlog.flush()
+            mlog.write(row)
+            bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", up=f"{stats.bytes_up / 1024:.0f}K",
                             down=f"{stats.bytes_down / 1024:.0f}K")
-            done = step + 1
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < st.steps:
                 _save_checkpoint(out_dir / "checkpoints" / f"step-{done:06d}", client_rt, server_rt, scfg)
+            step = done
+    finally:
+        mlog.close()
+        bar.close()
     wall = time.perf_counter() - t0
     final = out_dir / "final"
     if end == st.steps:
+        if remote:
+            client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=end,
+                                                           tag="final"))
         _save_checkpoint(final, client_rt, server_rt, scfg)
+    if remote:
+        client_rt.link.close(pb.Goodbye(session_id=client_rt.session_id))
     return StageRun(stage=stage, out_dir=out_dir, steps=end, final=final, wall_s=wall, last_loss=last_loss,
-                    traffic=link.traffic.summary())
+                    traffic=link.traffic.summary(), rollbacks=rollbacks)
+
+
+_RECOVERABLE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+
+def _checkpoint_at_or_below(out_dir: Path, step: int) -> tuple[Path, int] | None:
+    found = []
+    for c in (out_dir / "checkpoints").glob("step-*"):
+        if (c / "DONE").exists() and c.name[5:].isdigit() and int(c.name[5:]) <= step:
+            found.append((int(c.name[5:]), c))
+    if not found:
+        return None
+    k, c = max(found)
+    return c, k
+
+
+def _rejoin(client_rt: ClientRuntime, out_dir: Path, step: int) -> int:
+    """Agree with the server on the latest common checkpoint at or below `step`, load ours; -> that step.
+
+    The client offers its checkpoint; a server that is ahead rolls back to its own checkpoint of that step (or the
+    latest below it, which the client then matches with an older one of its own).
+    """
+    target = step
+    for _ in range(16):
+        found = _checkpoint_at_or_below(out_dir, target)
+        if found is None:
+            raise RuntimeError(f"{out_dir}: no client checkpoint at or below step {target} to roll back to")
+        ck, k = found
+        client_rt.zero_grad()
+        client_rt.load(ck)
+        next_step = client_rt.connect(resume_step=k)
+        if next_step == k:
+            log.info("rejoined the server at step %d (%s)", k, ck)
+            return k
+        if next_step > k:
+            raise RuntimeError(f"server stays at step {next_step} while the client resumes at {k}: the server "
+                               "has no checkpoint of this session to roll back to")
+        target = next_step
+    raise RuntimeError("client and server found no common checkpoint")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -2,15 +2,30 @@
 
 One `ServerRuntime` serves one stage for any number of client sessions. Every transport (in-process loopback,
 gRPC) calls the same methods with the same parsed protobuf messages, so simulation and deployment share this code.
-Steps are applied in arrival order under one lock; step ids make retries idempotent.
+
+Several clients: the server model is shared; each session has its own step counter, its own gradient accumulation
+(partial sums live with the session, never in the shared parameters' `.grad` between calls) and its own metrics.
+Steps are applied in arrival order under one lock; step ids make retries idempotent. In the U-shaped cut a session
+holds the server between its forward and its backward message (other sessions wait, then get ABORTED and retry),
+because a stale graph cannot be backpropagated once another session has moved the shared weights.
+
+Checkpoints (Checkpoint RPC): `checkpoint_dir/<session>/step-NNNNNN`, written at the steps the client saves its own.
+A client that resumes from step k (Hello.resume) makes the server roll back to its checkpoint of step k for that
+session if it is ahead. A rollback restores the shared server model; the other sessions keep their counters, so with
+several clients it is exact only if they resume together from the same checkpoint moment.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 import threading
+import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +36,18 @@ from qtllava.compress.grad import decode_grad, encode_grad
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import Layout, ServerPart
 from qtllava.train.recipes import apply_trainable, lr_at, make_optimizer, recipe
-from qtllava.wire.messages import (PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb)
+from qtllava.train.ucut import check_cut, identity_head, predicting_mask
+from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb
 
-__all__ = ["ServerRuntime", "SplitError", "describe_config_difference"]
+__all__ = ["ServerRuntime", "SplitError", "describe_config_difference", "HASH_SECTIONS"]
 
 log = logging.getLogger(__name__)
+
+HASH_SECTIONS = ("vision", "connector", "llm", "compress")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_FIELDS_UP = ("layout", "image", "text", "label_mask", "label_ids", "hidden_grad")
+STEP_FIELDS_DOWN = ("image_grad", "text_grad", "hidden")
 
 
 class SplitError(RuntimeError):
@@ -50,31 +72,57 @@ def describe_config_difference(ours: dict, theirs: dict, prefix: str = "") -> li
 
 
 @dataclass
+class _Pending:
+    """U cut: the graph of a forward whose hidden-state gradient has not arrived yet."""
+
+    key: tuple[int, int]
+    image: torch.Tensor
+    text: torch.Tensor
+    rows: torch.Tensor  # (N, D) hidden rows that were sent
+
+
+@dataclass
 class Session:
     session_id: str
     name: str = ""
     next_step: int = 0  # first optimizer step not yet applied
     micro_done: int = 0  # micro-batches of `next_step` already accumulated
-    last_reply: bytes = b""  # serialized reply of the last micro-batch, for idempotent retries
-    last_key: tuple[int, int] = (-1, -1)
-    losses: list[float] = field(default_factory=list)
+    grads: list | None = None  # this session's partial gradient sums over its micro-batches of `next_step`
+    pending: _Pending | None = None
+    last_reply: bytes = b""  # serialized reply of the last message, for idempotent retries
+    last_key: tuple[int, int, int] = (-1, -1, -1)  # (step, micro, phase)
+    acc: dict = field(default_factory=dict)  # metrics of `next_step` so far
+    steps_applied: int = 0
+    loss_sum: float = 0.0
 
-
-HASH_SECTIONS = ("vision", "connector", "llm", "compress")
+    def reset_step(self) -> None:
+        self.micro_done = 0
+        self.grads = None
+        self.pending = None
+        self.acc = {}
 
 
 class ServerRuntime:
     """Hosts a `ServerPart` for one training stage (or for generation only, with `stage=None`)."""
 
     def __init__(self, part: ServerPart, cfg: Config, stage: str | None = None, total_steps: int = 0,
-                 checkpoint_dir: str | Path | None = None, generator_seed: int = 0):
+                 checkpoint_dir: str | Path | None = None, generator_seed: int = 0, cut: str = "paper",
+                 final_dir: str | Path | None = None, metrics_path: str | Path | None = None,
+                 busy_timeout: float = 30.0):
         self.part = part
         self.cfg = cfg
         self.stage = stage
         self.total_steps = total_steps
+        self.cut = check_cut(cut)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.final_dir = Path(final_dir) if final_dir else (self.checkpoint_dir.parent / "final"
+                                                            if self.checkpoint_dir else None)
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.busy_timeout = busy_timeout
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
+        self._turn = threading.Condition(self.lock)
+        self._owner: str | None = None  # U cut: session between its forward and backward message
         self.hash = config_hash(cfg, HASH_SECTIONS)
         self.optimizer = None
         self.stage_cfg = None
@@ -82,6 +130,9 @@ class ServerRuntime:
             rec = recipe(stage)
             self.stage_cfg = getattr(cfg.train, stage)
             params = apply_trainable(part, rec.server_trainable)
+            if self.cut == "u":  # the client trains the LM head; the server's copy stays as it is
+                head = part.llm.get_output_embeddings()
+                head.requires_grad_(False)
             self.optimizer = make_optimizer(params, self.stage_cfg)
             self.trainable = [p for p in params if p.requires_grad]
         else:
@@ -104,24 +155,53 @@ class ServerRuntime:
                     theirs = json.loads(req.config_json)
                     ours = {k: v for k, v in to_dict(self.cfg).items() if k in HASH_SECTIONS}
                     diff = describe_config_difference(ours, theirs)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, AttributeError):
                     diff = ["(client sent unreadable configuration JSON)"]
             raise SplitError("configuration hash differs from the server's: " + ("; ".join(diff) or "unknown keys"),
                              "FAILED_PRECONDITION")
+        cut = req.cut or "paper"
+        if cut != self.cut:
+            raise SplitError(f"cut differs: server {self.cut!r}, client {cut!r}", "FAILED_PRECONDITION")
+        if req.session_id and not _SESSION_ID.match(req.session_id):
+            raise SplitError("session id must be 1-64 letters, digits, '-' or '_'", "INVALID_ARGUMENT")
         with self.lock:
             sid = req.session_id or uuid.uuid4().hex
             sess = self.sessions.get(sid)
+            rolled_back = False
             if sess is None:
                 sess = self.sessions[sid] = Session(session_id=sid, name=req.client_name)
                 log.info("new session %s (%s)", sid, req.client_name)
-            else:
-                log.info("session %s resumes at step %d", sid, sess.next_step)
+            if req.resume:
+                self._release(sid)
+                sess.reset_step()
+                sess.last_key, sess.last_reply = (-1, -1, -1), b""
+                if req.resume_step < sess.next_step or (req.resume_step > 0 and sess.next_step == 0):
+                    rolled_back = self._roll_back(sess, req.resume_step)
+                    sess = self.sessions[sid]
+                log.info("session %s (%s) resumes: client at step %d, server at step %d", sid, sess.name,
+                         req.resume_step, sess.next_step)
             return pb.HelloReply(protocol_version=PROTOCOL_VERSION, session_id=sid, next_step=sess.next_step,
-                                 server_config_hash=self.hash)
+                                 server_config_hash=self.hash, rolled_back=rolled_back)
+
+    def _roll_back(self, sess: Session, step: int) -> bool:
+        """Restore this session's latest checkpoint at or below `step`; drop its later ones. -> restored?"""
+        ck = self._session_checkpoint(sess.session_id, step)
+        if ck is None:
+            log.warning("session %s: no checkpoint at or below step %d; staying at step %d", sess.session_id, step,
+                        sess.next_step)
+            return False
+        self.load(ck, session=sess.session_id)
+        for d in self._session_checkpoints(sess.session_id):
+            if _step_of(d) > _step_of(ck):
+                shutil.rmtree(d, ignore_errors=True)  # an abandoned future; `--resume` must never pick it
+        self._log_event({"event": "rollback", "session": sess.session_id, "client": sess.name,
+                         "to_step": sess.next_step})
+        log.warning("session %s rolled back to step %d (%s)", sess.session_id, sess.next_step, ck)
+        return True
 
     def _session(self, sid: str) -> Session:
         if sid not in self.sessions:
-            raise SplitError(f"unknown session {sid!r}: call Handshake first", "UNAUTHENTICATED")
+            raise SplitError(f"unknown session {sid!r}: call Handshake first", "FAILED_PRECONDITION")
         return self.sessions[sid]
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -130,76 +210,188 @@ class ServerRuntime:
         try:
             packet = Packet.from_bytes(data)
             return codec.dequantize(packet)
-        except PacketError as e:
+        except (PacketError, ValueError, RuntimeError, KeyError) as e:
             raise SplitError(f"{what} packet: {e}", "INVALID_ARGUMENT") from e
 
+    def _wait_turn(self, sid: str) -> None:
+        """U cut: wait (lock released) while another session is between its forward and backward message."""
+        deadline = time.monotonic() + self.busy_timeout
+        while self._owner not in (None, sid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SplitError(f"server busy with another session's U-cut step ({self._owner})", "ABORTED")
+            self._turn.wait(left)
+
+    def _release(self, sid: str) -> None:
+        if self._owner == sid:
+            self._owner = None
+            self._turn.notify_all()
+
     def step(self, req: pb.StepRequest) -> pb.StepReply:
-        if self.optimizer is None and self.stage is None:
+        if self.stage is None:
             raise SplitError("this server was started for generation only", "FAILED_PRECONDITION")
         if req.stage != self.stage:
             raise SplitError(f"step for {req.stage!r}, but this server runs {self.stage!r}", "FAILED_PRECONDITION")
+        backward = self.cut == "u" and len(req.hidden_grad) > 0
         with self.lock:
             sess = self._session(req.session_id)
-            key = (req.step_id, req.micro_index)
+            key = (req.step_id, req.micro_index, int(backward))
             if key == sess.last_key:
                 reply = pb.StepReply.FromString(sess.last_reply)
                 reply.replayed = True
                 return reply
-            if req.step_id != sess.next_step or req.micro_index != sess.micro_done:
+            if self.cut == "u":
+                self._wait_turn(sess.session_id)
+                sess = self._session(req.session_id)
+            if backward:
+                if sess.pending is None or sess.pending.key != key[:2]:
+                    raise SplitError(f"out of order: hidden-state gradient for step {req.step_id} micro "
+                                     f"{req.micro_index} without its forward", "FAILED_PRECONDITION")
+            elif req.step_id != sess.next_step or req.micro_index != sess.micro_done or sess.pending is not None:
                 raise SplitError(f"out of order: got step {req.step_id} micro {req.micro_index}, expected step "
                                  f"{sess.next_step} micro {sess.micro_done}", "FAILED_PRECONDITION")
             if req.micro_count < 1 or req.micro_index >= req.micro_count:
                 raise SplitError(f"micro_index {req.micro_index} not below micro_count {req.micro_count}",
                                  "INVALID_ARGUMENT")
-            reply = self._train_micro(req)
-            sess.micro_done += 1
-            if req.micro_index + 1 == req.micro_count:
-                self._apply(req.step_id, req.total_steps or self.total_steps)
-                sess.next_step += 1
-                sess.micro_done = 0
-                reply.applied = True
+            t0 = time.perf_counter()
+            if self.cut == "paper":
+                reply = self._train_micro(req, sess)
+            elif not backward:
+                reply = self._forward_u(req, sess)
+                self._owner = sess.session_id
+            else:
+                try:
+                    reply = self._backward_u(req, sess)
+                finally:
+                    self._release(sess.session_id)
+            self._account(sess, req, reply, time.perf_counter() - t0)
+            if self.cut == "paper" or backward:
+                sess.micro_done += 1
+                if req.micro_index + 1 == req.micro_count:
+                    self._apply(sess, req.step_id, req.total_steps or self.total_steps)
+                    reply.applied = True
             sess.last_key = key
             sess.last_reply = reply.SerializeToString()
             return reply
 
-    def _train_micro(self, req: pb.StepRequest) -> pb.StepReply:
-        shape = (req.batch, req.seq_len)
+    def _inputs(self, req: pb.StepRequest) -> tuple[Layout, torch.Tensor, torch.Tensor]:
         try:
-            layout = Layout.from_bytes(req.layout, shape)
-            labels = labels_from_wire(req.label_mask, req.label_ids, req.label_width, shape)
-        except (ValueError, WireError) as e:
+            layout = Layout.from_bytes(req.layout, (req.batch, req.seq_len))
+        except ValueError as e:
             raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
         image = self._values(req.image, self.part.image_codec, "image").requires_grad_(True)
         text = self._values(req.text, self.part.text_codec, "text").requires_grad_(True)
+        return layout, image, text
+
+    def _backward(self, sess: Session, tensors: list[torch.Tensor], grads: list) -> None:
+        """Backpropagate into this session's own gradient sums (the shared parameters' .grad stays empty)."""
+        for i, p in enumerate(self.trainable):
+            p.grad = sess.grads[i] if sess.grads is not None else None
         try:
-            out = self.part(image, text, layout, labels=labels)
-        except ValueError as e:
-            raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
-        loss = out.loss
-        (loss / req.micro_count).backward()
-        down = self.cfg.compress.downlink if self._compressed() else "fp32"
+            torch.autograd.backward(tensors, grads)
+        finally:
+            sess.grads = [p.grad for p in self.trainable]
+            for p in self.trainable:
+                p.grad = None
+
+    def _grad_packets(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, bytes]:
+        down = self._downlink()
         sr = self.cfg.compress.stochastic_rounding
         grads = {}
         for name, v in (("image", image), ("text", text)):
             g = v.grad if v.grad is not None else torch.zeros_like(v)
             grads[name] = encode_grad(g, down, stochastic=sr, generator=self.generator).to_bytes()
+        return grads
+
+    def _train_micro(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
+        layout, image, text = self._inputs(req)
+        try:
+            labels = labels_from_wire(req.label_mask, req.label_ids, req.label_width, (req.batch, req.seq_len))
+            out = self.part(image, text, layout, labels=labels)
+        except (ValueError, WireError, RuntimeError) as e:
+            raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
+        loss = out.loss
+        self._backward(sess, [loss / req.micro_count], [None])
+        grads = self._grad_packets(image, text)
         return pb.StepReply(step_id=req.step_id, micro_index=req.micro_index, loss=float(loss.detach()),
                             n_label_tokens=int(out.n_tokens), image_grad=grads["image"], text_grad=grads["text"])
 
-    def _compressed(self) -> bool:
-        return self.stage is None or recipe(self.stage).compressed
+    def _forward_u(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
+        if req.label_mask or req.label_ids:
+            raise SplitError("labels must not be sent in the U-shaped cut", "INVALID_ARGUMENT")
+        layout, image, text = self._inputs(req)
+        try:
+            embeds = self.part.assemble(image, text, layout)
+            lay = layout.to(embeds.device)
+            hidden = self.part.llm.model(inputs_embeds=embeds, attention_mask=lay.attention_mask,
+                                         position_ids=lay.position_ids).last_hidden_state
+        except (ValueError, RuntimeError) as e:
+            raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
+        rows = hidden[:, :-1][predicting_mask(lay)]
+        sess.pending = _Pending(key=(req.step_id, req.micro_index), image=image, text=text, rows=rows)
+        packet = encode_grad(rows.detach(), self._downlink())
+        return pb.StepReply(step_id=req.step_id, micro_index=req.micro_index, hidden=packet.to_bytes())
 
-    def _apply(self, step_id: int, total_steps: int) -> None:
-        if self.optimizer is None:
-            return
-        if self.stage_cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.stage_cfg.max_grad_norm)
-        lr = lr_at(self.stage_cfg, step_id, total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward_u(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
+        pending, sess.pending = sess.pending, None
+        try:
+            g = decode_grad(Packet.from_bytes(req.hidden_grad))
+        except (PacketError, ValueError) as e:
+            raise SplitError(f"hidden-state gradient packet: {e}", "INVALID_ARGUMENT") from e
+        if tuple(g.shape) != tuple(pending.rows.shape):
+            raise SplitError(f"hidden-state gradient of shape {tuple(g.shape)} for {tuple(pending.rows.shape)} rows",
+                             "INVALID_ARGUMENT")
+        self._backward(sess, [pending.rows], [g.to(pending.rows.dtype)])
+        grads = self._grad_packets(pending.image, pending.text)
+        return pb.StepReply(step_id=req.step_id, micro_index=req.micro_index, image_grad=grads["image"],
+                            text_grad=grads["text"])
+
+    def _downlink(self) -> str:
+        compressed = self.stage is None or recipe(self.stage).compressed
+        return self.cfg.compress.downlink if compressed else "fp32"
+
+    def _apply(self, sess: Session, step_id: int, total_steps: int) -> None:
+        if self.optimizer is not None:
+            for i, p in enumerate(self.trainable):
+                p.grad = sess.grads[i] if sess.grads is not None else None
+            if self.stage_cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.stage_cfg.max_grad_norm)
+            lr = lr_at(self.stage_cfg, step_id, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.applied_steps += 1
+        sess.steps_applied += 1
+        row = {"session": sess.session_id, "client": sess.name, "step": step_id, **sess.acc}
+        sess.loss_sum += row.get("loss", 0.0)
+        sess.next_step += 1
+        sess.reset_step()
+        self._log_event(row)
+
+    def _account(self, sess: Session, req: pb.StepRequest, reply: pb.StepReply, seconds: float) -> None:
+        """Per-session, per-step sums of message and field sizes as received and sent (serialized bytes)."""
+        a = sess.acc
+        if not a:
+            a.update(loss=0.0, n_label_tokens=0, messages=0, bytes_up=0, bytes_down=0, seconds=0.0,
+                     fields_up={k: 0 for k in STEP_FIELDS_UP}, fields_down={k: 0 for k in STEP_FIELDS_DOWN})
+        a["messages"] += 1
+        a["bytes_up"] += req.ByteSize()
+        a["bytes_down"] += reply.ByteSize()
+        a["seconds"] += seconds
+        for k in STEP_FIELDS_UP:
+            a["fields_up"][k] += len(getattr(req, k))
+        for k in STEP_FIELDS_DOWN:
+            a["fields_down"][k] += len(getattr(reply, k))
+        if self.cut == "paper":
+            a["loss"] += reply.loss / req.micro_count
+            a["n_label_tokens"] += reply.n_label_tokens
+
+    def _log_event(self, row: dict) -> None:
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -212,47 +404,68 @@ class ServerRuntime:
                 self.generations.pop(key, None)
                 return pb.GenerateReply(generation_id=req.generation_id, round=req.round)
             text = self._values(req.text, self.part.text_codec, "text")
-            if req.round == 0:
-                shape = (req.batch, req.seq_len)
-                try:
-                    layout = Layout.from_bytes(req.layout, shape)
-                except ValueError as e:
-                    raise SplitError(f"generation {req.generation_id}: {e}", "INVALID_ARGUMENT") from e
-                image = self._values(req.image, self.part.image_codec, "image")
-                logits, cache = self.part.prefill(image, text, layout)
-                self.generations[key] = (cache, layout)
-            else:
-                if key not in self.generations:
-                    raise SplitError(f"generation {req.generation_id} has no prompt (round 0) on this server",
-                                     "FAILED_PRECONDITION")
-                cache, layout = self.generations[key]
-                logits, cache = self.part.extend(text, cache, layout)
-                # The layout grows by one text column per round; keep it for the next round's positions.
-                layout = layout.append_text() if hasattr(layout, "append_text") else layout
-                self.generations[key] = (cache, layout)
+            try:
+                with identity_head(self.part.llm) if self.cut == "u" else nullcontext():
+                    if req.round == 0:
+                        layout = Layout.from_bytes(req.layout, (req.batch, req.seq_len))
+                        image = self._values(req.image, self.part.image_codec, "image")
+                        logits, cache = self.part.prefill(image, text, layout)
+                    else:
+                        if key not in self.generations:
+                            raise SplitError(f"generation {req.generation_id} has no prompt (round 0) on this "
+                                             "server", "FAILED_PRECONDITION")
+                        cache, layout = self.generations[key]
+                        logits, cache = self.part.extend(text, cache, layout)
+                        layout = layout.append_text()  # the next round's positions follow the new column
+            except (ValueError, RuntimeError) as e:
+                if isinstance(e, SplitError):
+                    raise
+                raise SplitError(f"generation {req.generation_id}: {e}", "INVALID_ARGUMENT") from e
+            self.generations[key] = (cache, layout)
+            if self.cut == "u":  # "logits" are the last hidden states; the client applies its head
+                return pb.GenerateReply(generation_id=req.generation_id, round=req.round,
+                                        hidden=encode_grad(logits, self._downlink()).to_bytes())
             next_ids = logits.argmax(dim=-1)
             return pb.GenerateReply(generation_id=req.generation_id, round=req.round, next_ids=ids_to_bytes(next_ids))
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def checkpoint(self, req: pb.CheckpointRequest) -> pb.CheckpointReply:
+        """Save at the session's step boundary: `<checkpoint_dir>/<session>/step-NNNNNN`, or `final_dir` for
+        tag "final". Refused (FAILED_PRECONDITION) when the client's step differs from the session's."""
+        if req.tag not in ("", "final"):
+            raise SplitError(f"checkpoint tag must be empty or 'final', got {req.tag!r}", "INVALID_ARGUMENT")
         with self.lock:
             sess = self._session(req.session_id)
             if self.checkpoint_dir is None:
                 raise SplitError("this server has no checkpoint directory", "FAILED_PRECONDITION")
-            path = self.save(self.checkpoint_dir / (req.tag or f"step-{sess.next_step:06d}"))
+            if req.step_id != sess.next_step or sess.micro_done or sess.pending is not None:
+                raise SplitError(f"checkpoint at step {req.step_id}, but session is at step {sess.next_step} "
+                                 f"micro {sess.micro_done}", "FAILED_PRECONDITION")
+            if req.tag == "final":
+                target = self.final_dir
+            else:
+                target = self.checkpoint_dir / sess.session_id / f"step-{sess.next_step:06d}"
+            path = self._save_atomic(target)
             return pb.CheckpointReply(path=str(path), step_id=sess.next_step)
 
     def close(self, req: pb.Goodbye) -> pb.GoodbyeReply:
         with self.lock:
             sess = self.sessions.get(req.session_id)
+            if sess is not None:
+                self._release(sess.session_id)
+                sess.reset_step()
             return pb.GoodbyeReply(steps_applied=sess.next_step if sess else 0)
 
     def state(self) -> dict:
         return {
             "stage": self.stage,
+            "cut": self.cut,
             "applied_steps": self.applied_steps,
-            "sessions": {s.session_id: {"name": s.name, "next_step": s.next_step} for s in self.sessions.values()},
+            "saved_ns": time.time_ns(),
+            "sessions": {s.session_id: {"name": s.name, "next_step": s.next_step, "steps_applied": s.steps_applied,
+                                        "mean_loss": s.loss_sum / max(1, s.steps_applied)}
+                         for s in self.sessions.values()},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -265,7 +478,21 @@ class ServerRuntime:
         (path / "server_state.json").write_text(json.dumps(self.state(), indent=2))
         return path
 
-    def load(self, path: str | Path) -> None:
+    def _save_atomic(self, final: Path) -> Path:
+        """Write to a temporary folder and rename, so a crash never leaves a half checkpoint behind."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.save(tmp)
+        (tmp / "DONE").write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def load(self, path: str | Path, session: str | None = None) -> None:
+        """Restore weights, optimizer and RNG from `path`; all sessions (session=None) or only the named one."""
         path = Path(path)
         loaded = ServerPart.from_pretrained(path / "server")
         self.part.load_state_dict(loaded.state_dict())
@@ -274,6 +501,40 @@ class ServerRuntime:
             self.optimizer.load_state_dict(blob["optimizer"])
         self.generator.set_state(blob["generator"])
         state = json.loads((path / "server_state.json").read_text())
-        self.applied_steps = state["applied_steps"]
-        self.sessions = {sid: Session(session_id=sid, name=s["name"], next_step=s["next_step"])
-                         for sid, s in state["sessions"].items()}
+        saved = {sid: Session(session_id=sid, name=s["name"], next_step=s["next_step"],
+                              steps_applied=s.get("steps_applied", 0),
+                              loss_sum=s.get("mean_loss", 0.0) * s.get("steps_applied", 0))
+                 for sid, s in state["sessions"].items()}
+        if session is None:
+            self.applied_steps = state["applied_steps"]
+            self.sessions = saved
+            self._owner = None
+        elif session in saved:
+            self.sessions[session] = saved[session]
+
+    # --- checkpoint files -------------------------------------------------------------------------------------
+
+    def _session_checkpoints(self, sid: str) -> list[Path]:
+        if self.checkpoint_dir is None:
+            return []
+        folder = self.checkpoint_dir / sid
+        found = [d for d in folder.glob("step-*") if _STEP_DIR.match(d.name) and (d / "DONE").exists()]
+        return sorted(found, key=_step_of)
+
+    def _session_checkpoint(self, sid: str, step: int) -> Path | None:
+        below = [d for d in self._session_checkpoints(sid) if _step_of(d) <= step]
+        return below[-1] if below else None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The most recently written session checkpoint (what `--resume` of a restarted server loads)."""
+        if self.checkpoint_dir is None:
+            return None
+        found = [d for d in self.checkpoint_dir.glob("*/step-*") if _STEP_DIR.match(d.name)
+                 and (d / "DONE").exists()]
+        if not found:
+            return None
+        return max(found, key=lambda d: json.loads((d / "server_state.json").read_text()).get("saved_ns", 0))
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))

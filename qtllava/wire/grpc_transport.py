@@ -2,8 +2,10 @@
 
 Security: a shared token or per-client keys in call metadata (compared in constant time), TLS or mutual TLS from
 certificate files, 127.0.0.1 by default. Size: messages above `chunk_bytes` travel as a stream of chunks; messages
-above `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving. Retries: the client
-retries UNAVAILABLE with exponential backoff; step ids make a retried step idempotent on the server.
+above `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server keeps serving. The server parses
+requests itself (raw-bytes handlers), so a malformed message gets INVALID_ARGUMENT instead of gRPC's INTERNAL.
+Retries: the client retries UNAVAILABLE (server away) and ABORTED (server busy) with exponential backoff; step ids
+make a retried step idempotent on the server.
 """
 
 from __future__ import annotations
@@ -13,20 +15,28 @@ import logging
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from qtllava.wire import split_pb2_grpc
 from qtllava.wire.messages import MESSAGE_TYPES, Traffic, WireError, pb
 
-__all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError"]
+__all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError", "read_tokens",
+           "SERVICE", "METHODS"]
 
 log = logging.getLogger(__name__)
 
 AUTH_KEY = "authorization"
 CLIENT_KEY = "x-qtllava-client"
+SERVICE = "qtllava.split.v1.Split"
+# RPC method name per message kind (see MESSAGE_TYPES); StepStream carries big steps as chunks.
+METHODS = {"handshake": "Handshake", "step": "Step", "generate": "Generate", "checkpoint": "Checkpoint",
+           "close": "Close"}
+REPLY_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -66,7 +76,8 @@ class RemoteError(RuntimeError):
 
 _STATUS = {name: getattr(grpc.StatusCode, name) for name in
            ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-            "NOT_FOUND", "INTERNAL")}
+            "NOT_FOUND", "ABORTED", "INTERNAL")}
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
 
 def _read(path: str) -> bytes:
@@ -76,7 +87,25 @@ def _read(path: str) -> bytes:
     return p.read_bytes()
 
 
-class _Servicer(split_pb2_grpc.SplitServicer):
+def read_tokens(path: str | Path) -> dict[str, str]:
+    """A tokens file: one `name=token` per line (`#` comments, blank lines skipped) -> {name: token}."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition("=")
+        if not sep or not name.strip() or not token.strip():
+            raise ValueError(f"{path}:{n}: expected name=token")
+        out[name.strip()] = token.strip()
+    if not out:
+        raise ValueError(f"{path}: no tokens")
+    return out
+
+
+class _Servicer:
+    """Raw-bytes handlers around a `SplitHandler`: authorise, parse, call, map errors to statuses."""
+
     def __init__(self, handler, options: ServerOptions):
         self.handler = handler
         self.options = options
@@ -90,13 +119,12 @@ class _Servicer(split_pb2_grpc.SplitServicer):
         name = md.get(CLIENT_KEY, "")
         expected = tokens.get(name, tokens.get("*"))
         presented = given.removeprefix("Bearer ").encode()
-        # Compare against a dummy of equal type when the client is unknown, so timing does not tell names apart.
+        # Compare against a dummy when the client is unknown, so timing does not tell names apart.
         ok = hmac.compare_digest(presented, (expected or "\0invalid").encode())
         if not ok or expected is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad or missing token for client {name!r}")
 
-    def _call(self, kind: str, request, context):
-        self._authorize(context)
+    def _dispatch(self, kind: str, request, context):
         try:
             return getattr(self.handler, kind)(request)
         except Exception as e:  # map every refusal to a status; the server keeps serving
@@ -109,27 +137,28 @@ class _Servicer(split_pb2_grpc.SplitServicer):
                 log.exception("%s failed", kind)
             context.abort(status, str(e))
 
-    def Handshake(self, request, context):
-        return self._call("handshake", request, context)
+    @staticmethod
+    def _parse(kind: str, data: bytes, context):
+        try:
+            return MESSAGE_TYPES[kind][0].FromString(data)
+        except (DecodeError, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {MESSAGE_TYPES[kind][0].__name__}: {e}")
 
-    def Step(self, request, context):
-        return self._call("step", request, context)
+    def unary(self, kind: str, data: bytes, context) -> bytes:
+        self._authorize(context)
+        request = self._parse(kind, data, context)
+        return self._dispatch(kind, request, context).SerializeToString()
 
-    def Generate(self, request, context):
-        return self._call("generate", request, context)
-
-    def Checkpoint(self, request, context):
-        return self._call("checkpoint", request, context)
-
-    def Close(self, request, context):
-        return self._call("close", request, context)
-
-    def StepStream(self, request_iterator, context):
+    def step_stream(self, request_iterator, context):
         self._authorize(context)
         parts: list[bytes] = []
         total = 0
         count = None
-        for chunk in request_iterator:
+        for raw in request_iterator:
+            try:
+                chunk = pb.Chunk.FromString(raw)
+            except DecodeError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Chunk: {e}")
             if chunk.kind != "step":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected chunk kind {chunk.kind!r}")
             if count is None:
@@ -146,15 +175,12 @@ class _Servicer(split_pb2_grpc.SplitServicer):
                 break
         if count is None or len(parts) != count:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the last chunk")
-        try:
-            request = pb.StepRequest.FromString(b"".join(parts))
-        except Exception as e:  # protobuf's DecodeError
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed StepRequest: {e}")
-        reply = self._call("step", request, context).SerializeToString()
-        size = 1 << 20
-        n = max(1, -(-len(reply) // size))
+        request = self._parse("step", b"".join(parts), context)
+        reply = self._dispatch("step", request, context).SerializeToString()
+        n = max(1, -(-len(reply) // REPLY_CHUNK_BYTES))
         for i in range(n):
-            yield pb.Chunk(kind="step_reply", index=i, count=n, data=reply[i * size:(i + 1) * size])
+            data = reply[i * REPLY_CHUNK_BYTES:(i + 1) * REPLY_CHUNK_BYTES]
+            yield pb.Chunk(kind="step_reply", index=i, count=n, data=data).SerializeToString()
 
 
 def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
@@ -163,7 +189,13 @@ def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers),
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", limit)])
-    split_pb2_grpc.add_SplitServicer_to_server(_Servicer(handler, options), server)
+    servicer = _Servicer(handler, options)
+    # No (de)serializers: handlers see raw bytes and parse them, so malformed input maps to INVALID_ARGUMENT.
+    handlers = {name: grpc.unary_unary_rpc_method_handler(partial(servicer.unary, kind))
+                for kind, name in METHODS.items()}
+    handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(servicer.step_stream)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
     if options.tls_cert:
         creds = grpc.ssl_server_credentials(
             [(_read(options.tls_key), _read(options.tls_cert))],
@@ -181,7 +213,10 @@ def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
 
 
 class GrpcLink:
-    """Client side of the gRPC transport; same methods and traffic ledger as `LoopbackLink`."""
+    """Client side of the gRPC transport; same methods and traffic ledger as `LoopbackLink`.
+
+    The ledger counts serialized message sizes (as the loopback does), not chunk or HTTP/2 framing.
+    """
 
     def __init__(self, options: ClientOptions, traffic: Traffic | None = None):
         self.options = options
@@ -194,7 +229,11 @@ class GrpcLink:
             return self._stub
         o = self.options
         chan_opts = [("grpc.max_receive_message_length", o.max_message_bytes),
-                     ("grpc.max_send_message_length", o.max_message_bytes)]
+                     ("grpc.max_send_message_length", o.max_message_bytes),
+                     # Reconnect quickly to a restarted server (gRPC's default backoff grows to two minutes).
+                     ("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
         if o.server_name:
             chan_opts.append(("grpc.ssl_target_name_override", o.server_name))
         if o.tls_ca:
@@ -222,23 +261,24 @@ class GrpcLink:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
-                    log.warning("server unavailable (%s); retrying in %.1f s", e.details(), delay)
+                if code in _RETRY and time.monotonic() < deadline:
+                    log.warning("server %s (%s); retrying in %.1f s", code.name.lower(), e.details(), delay)
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, 2.0)
                     continue
                 raise RemoteError(code, e.details() or "") from None
 
     def call(self, kind: str, request: Any) -> Any:
-        req_type, reply_type = MESSAGE_TYPES[kind]
+        req_type, _ = MESSAGE_TYPES[kind]
+        if not isinstance(request, req_type):
+            raise TypeError(f"{kind}: expected {req_type.__name__}, got {type(request).__name__}")
         size = request.ByteSize()
         stub = self._connect()
         if kind == "step" and size > self.options.chunk_bytes:
             data = request.SerializeToString()
             reply = self._with_retry(lambda: self._stream_step(stub, data))
         else:
-            method = {"handshake": stub.Handshake, "step": stub.Step, "generate": stub.Generate,
-                      "checkpoint": stub.Checkpoint, "close": stub.Close}[kind]
+            method = getattr(stub, METHODS[kind])
             reply = self._with_retry(lambda: method(request, metadata=self._metadata(),
                                                     timeout=self.options.timeout_seconds))
         self.traffic.record("up", kind, size)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qtllava/wire/split.proto\x12\x10qtllava.split.v1\"\x81\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\x12\x0b\n\x03\x63ut\x18\x06 \x01(\t\"i\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tnext_step\x18\x03 \x01(\x04\x12\x1a\n\x12server_config_hash\x18\x04 \x01(\t\"\x9e\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_index\x18\x03 \x01(\r\x12\x13\n\x0bmicro_count\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\r\x12\x0f\n\x07seq_len\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\x0c\x12\r\n\x05image\x18\t \x01(\x0c\x12\x0c\n\x04text\x18\n \x01(\x0c\x12\x12\n\nlabel_mask\x18\x0b \x01(\x0c\x12\x11\n\tlabel_ids\x18\x0c \x01(\x0c\x12\x13\n\x0blabel_width\x18\r \x01(\r\x12\x13\n\x0btotal_steps\x18\x0e \x01(\r\x12\x13\n\x0bhidden_grad\x18\x0f \x01(\x0c\"\xb1\x01\n\tStepReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_index\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x16\n\x0en_label_tokens\x18\x04 \x01(\r\x12\x12\n\nimage_grad\x18\x05 \x01(\x0c\x12\x11\n\ttext_grad\x18\x06 \x01(\x0c\x12\x0e\n\x06hidden\x18\x07 \x01(\x0c\x12\x0f\n\x07\x61pplied\x18\x08 \x01(\x08\x12\x10\n\x08replayed\x18\t \x01(\x08\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rgeneration_id\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\x0c\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x0c\n\x04text\x18\x08 \x01(\x0c\x12\r\n\x05\x63lose\x18\t \x01(\x08\"W\n\rGenerateReply\x12\x15\n\rgeneration_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08next_ids\x18\x03 \x01(\x0c\x12\x0e\n\x06hidden\x18\x04 \x01(\x0c\"E\n\x11\x43heckpointRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\"0\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\"\x1d\n\x07Goodbye\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x0cGoodbyeReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\"A\n\x05\x43hunk\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xbd\x03\n\x05Split\x12\x42\n\tHandshake\x12\x17.qtllava.split.v1.Hello\x1a\x1c.qtllava.split.v1.HelloReply\x12\x42\n\x04Step\x12\x1d.qtllava.split.v1.StepRequest\x1a\x1b.qtllava.split.v1.StepReply\x12\x42\n\nStepStream\x12\x17.qtllava.split.v1.Chunk\x1a\x17.qtllava.split.v1.Chunk(\x01\x30\x01\x12N\n\x08Generate\x12!.qtllava.split.v1.GenerateRequest\x1a\x1f.qtllava.split.v1.GenerateReply\x12T\n\nCheckpoint\x12#.qtllava.split.v1.CheckpointRequest\x1a!.qtllava.split.v1.CheckpointReply\x12\x42\n\x05\x43lose\x12\x19.qtllava.split.v1.Goodbye\x1a\x1e.qtllava.split.v1.GoodbyeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qtllava/wire/split.proto\x12\x10qtllava.split.v1\"\xa6\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\x12\x0b\n\x03\x63ut\x18\x06 \x01(\t\x12\x0e\n\x06resume\x18\x07 \x01(\x08\x12\x13\n\x0bresume_step\x18\x08 \x01(\x04\"~\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tnext_step\x18\x03 \x01(\x04\x12\x1a\n\x12server_config_hash\x18\x04 \x01(\t\x12\x13\n\x0brolled_back\x18\x05 \x01(\x08\"\x9e\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_index\x18\x03 \x01(\r\x12\x13\n\x0bmicro_count\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\r\x12\x0f\n\x07seq_len\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\x0c\x12\r\n\x05image\x18\t \x01(\x0c\x12\x0c\n\x04text\x18\n \x01(\x0c\x12\x12\n\nlabel_mask\x18\x0b \x01(\x0c\x12\x11\n\tlabel_ids\x18\x0c \x01(\x0c\x12\x13\n\x0blabel_width\x18\r \x01(\r\x12\x13\n\x0btotal_steps\x18\x0e \x01(\r\x12\x13\n\x0bhidden_grad\x18\x0f \x01(\x0c\"\xb1\x01\n\tStepReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_index\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x16\n\x0en_label_tokens\x18\x04 \x01(\r\x12\x12\n\nimage_grad\x18\x05 \x01(\x0c\x12\x11\n\ttext_grad\x18\x06 \x01(\x0c\x12\x0e\n\x06hidden\x18\x07 \x01(\x0c\x12\x0f\n\x07\x61pplied\x18\x08 \x01(\x08\x12\x10\n\x08replayed\x18\t \x01(\x08\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rgeneration_id\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\x0c\x12\r\n\x05image\x18\x07 \x01(\x0c\x12\x0c\n\x04text\x18\x08 \x01(\x0c\x12\r\n\x05\x63lose\x18\t \x01(\x08\"W\n\rGenerateReply\x12\x15\n\rgeneration_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08next_ids\x18\x03 \x01(\x0c\x12\x0e\n\x06hidden\x18\x04 \x01(\x0c\"E\n\x11\x43heckpointRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\"0\n\x0f\x43heckpointReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\"\x1d\n\x07Goodbye\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x0cGoodbyeReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\"A\n\x05\x43hunk\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xbd\x03\n\x05Split\x12\x42\n\tHandshake\x12\x17.qtllava.split.v1.Hello\x1a\x1c.qtllava.split.v1.HelloReply\x12\x42\n\x04Step\x12\x1d.qtllava.split.v1.StepRequest\x1a\x1b.qtllava.split.v1.StepReply\x12\x42\n\nStepStream\x12\x17.qtllava.split.v1.Chunk\x1a\x17.qtllava.split.v1.Chunk(\x01\x30\x01\x12N\n\x08Generate\x12!.qtllava.split.v1.GenerateRequest\x1a\x1f.qtllava.split.v1.GenerateReply\x12T\n\nCheckpoint\x12#.qtllava.split.v1.CheckpointRequest\x1a!.qtllava.split.v1.CheckpointReply\x12\x42\n\x05\x43lose\x12\x19.qtllava.split.v1.Goodbye\x1a\x1e.qtllava.split.v1.GoodbyeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,27 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qtllava.wire.split_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=47
-  _globals['_HELLO']._serialized_end=176
-  _globals['_HELLOREPLY']._serialized_start=178
-  _globals['_HELLOREPLY']._serialized_end=283
-  _globals['_STEPREQUEST']._serialized_start=286
-  _globals['_STEPREQUEST']._serialized_end=572
-  _globals['_STEPREPLY']._serialized_start=575
-  _globals['_STEPREPLY']._serialized_end=752
-  _globals['_GENERATEREQUEST']._serialized_start=755
-  _globals['_GENERATEREQUEST']._serialized_end=922
-  _globals['_GENERATEREPLY']._serialized_start=924
-  _globals['_GENERATEREPLY']._serialized_end=1011
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1013
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1082
-  _globals['_CHECKPOINTREPLY']._serialized_start=1084
-  _globals['_CHECKPOINTREPLY']._serialized_end=1132
-  _globals['_GOODBYE']._serialized_start=1134
-  _globals['_GOODBYE']._serialized_end=1163
-  _globals['_GOODBYEREPLY']._serialized_start=1165
-  _globals['_GOODBYEREPLY']._serialized_end=1202
-  _globals['_CHUNK']._serialized_start=1204
-  _globals['_CHUNK']._serialized_end=1269
-  _globals['_SPLIT']._serialized_start=1272
-  _globals['_SPLIT']._serialized_end=1717
+  _globals['_HELLO']._serialized_end=213
+  _globals['_HELLOREPLY']._serialized_start=215
+  _globals['_HELLOREPLY']._serialized_end=341
+  _globals['_STEPREQUEST']._serialized_start=344
+  _globals['_STEPREQUEST']._serialized_end=630
+  _globals['_STEPREPLY']._serialized_start=633
+  _globals['_STEPREPLY']._serialized_end=810
+  _globals['_GENERATEREQUEST']._serialized_start=813
+  _globals['_GENERATEREQUEST']._serialized_end=980
+  _globals['_GENERATEREPLY']._serialized_start=982
+  _globals['_GENERATEREPLY']._serialized_end=1069
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1071
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1140
+  _globals['_CHECKPOINTREPLY']._serialized_start=1142
+  _globals['_CHECKPOINTREPLY']._serialized_end=1190
+  _globals['_GOODBYE']._serialized_start=1192
+  _globals['_GOODBYE']._serialized_end=1221
+  _globals['_GOODBYEREPLY']._serialized_start=1223
+  _globals['_GOODBYEREPLY']._serialized_end=1260
+  _globals['_CHUNK']._serialized_start=1262
+  _globals['_CHUNK']._serialized_end=1327
+  _globals['_SPLIT']._serialized_start=1330
+  _globals['_SPLIT']._serialized_end=1775
 # @@protoc_insertion_point(module_scope)

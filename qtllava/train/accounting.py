@@ -1,0 +1,72 @@
+"""What crossed the cut in a run: per direction and per part (modality, labels, layout, envelope), from the
+per-step rows of `metrics.jsonl` (serialized message sizes, the same under loopback and gRPC)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["summarize_link", "format_link_table", "read_metrics"]
+
+# (direction, part, key in the step row's payload dict, elements key for bits per element)
+_PARTS = (
+    ("up", "image rows", "image", "image"),
+    ("up", "text rows", "text", "text"),
+    ("up", "labels", "labels", None),
+    ("up", "layout", "layout", None),
+    ("up", "hidden grad (U)", "hidden_grad", None),
+    ("down", "image grad", "image", "image"),
+    ("down", "text grad", "text", "text"),
+    ("down", "hidden (U)", "hidden", None),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize_link(rows: list[dict]) -> dict:
+    """Totals over step rows: {"steps", "messages_up", "messages_down", "bytes_up", "bytes_down",
+    "parts": [{"direction", "part", "bytes", "bytes_per_step", "bits_per_element"}]}. Envelope = message bytes
+    minus the fields listed (protobuf tags, lengths, ids, packet headers are inside the fields)."""
+    steps = len(rows)
+    out = {"steps": steps, "bytes_up": sum(r["bytes_up"] for r in rows),
+           "bytes_down": sum(r["bytes_down"] for r in rows),
+           "messages_up": sum(len(r.get("messages_up", [])) for r in rows),
+           "messages_down": sum(len(r.get("messages_down", [])) for r in rows), "parts": []}
+    elements = {k: sum(r["elements_up"].get(k, 0) for r in rows) for k in ("image", "text")}
+    listed = {"up": 0, "down": 0}
+    for direction, part, key, el in _PARTS:
+        field = "payload_up" if direction == "up" else "payload_down"
+        n = sum(r[field].get(key, 0) for r in rows)
+        if n == 0 and key in ("hidden_grad", "hidden"):
+            continue
+        listed[direction] += n
+        out["parts"].append({"direction": direction, "part": part, "bytes": n,
+                             "bytes_per_step": n / max(1, steps),
+                             "bits_per_element": 8 * n / elements[el] if el and elements[el] else None})
+    for direction in ("up", "down"):
+        n = out[f"bytes_{direction}"] - listed[direction]
+        out["parts"].append({"direction": direction, "part": "envelope", "bytes": n,
+                             "bytes_per_step": n / max(1, steps), "bits_per_element": None})
+    return out
+
+
+def format_link_table(summary: dict, title: str = "") -> str:
+    """Plain-text table of `summarize_link`'s result, with a total line per direction."""
+    lines = [title] if title else []
+    lines.append(f"{'dir':<5} {'part':<16} {'bytes':>12} {'B/step':>11} {'bits/elem':>9}")
+    for direction in ("up", "down"):
+        for p in summary["parts"]:
+            if p["direction"] != direction:
+                continue
+            bpe = f"{p['bits_per_element']:.3f}" if p["bits_per_element"] is not None else "-"
+            lines.append(f"{direction:<5} {p['part']:<16} {p['bytes']:>12} {p['bytes_per_step']:>11.0f} {bpe:>9}")
+        total = summary[f"bytes_{direction}"]
+        msgs = summary[f"messages_{direction}"]
+        lines.append(f"{direction:<5} {'= messages':<16} {total:>12} {total / max(1, summary['steps']):>11.0f} "
+                     f"{'':>9}  ({msgs} messages, {summary['steps']} steps)")
+    return "\n".join(lines)
