@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qtllava demo --config $(PRESET)
+	$(BIN)/qtllava demo --config $(PRESET) --out runs/demo-$(PRESET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -25,13 +25,14 @@ test: $(STAMP)
 bench: bench-baseline
 
 bench-baseline: $(STAMP)
-	$(BIN)/python benchmarks/baseline.py
+	mkdir -p runs results
+	$(BIN)/python benchmarks/baseline.py 2>&1 | tee runs/bench-baseline.log
 
 bench-codec: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
 clean:
-	rm -rf runs/demo data/micro
+	rm -rf runs/demo-* data/micro
 
 # Regenerate the checked-in gRPC stubs (generator pinned: grpcio-tools 1.85.1, protobuf >= 7.35).
 proto: $(STAMP)
