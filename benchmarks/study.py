@@ -1,0 +1,220 @@
+"""The rate-accuracy study (issue 6): from ONE stage-0 base, stages 1 and 2 for every configuration, same data, steps
+and seeds; accuracy on the five suites against the bits really sent in both directions.
+
+    nohup .venv/bin/python benchmarks/study.py > runs/study.log 2>&1 &     # resumable; re-run to continue
+    .venv/bin/python benchmarks/study.py --report-only                      # rebuild results/ from finished runs
+
+The base is the baseline benchmark's stage 0 (runs/baseline/stage0/final) when it exists, else it is trained here
+with the same steps. Jobs run as `qtllava pipeline --base ...` subprocesses, `--workers` at a time with one torch
+thread each (two busy 2-thread processes on 2 cores slow each other ~3x). Finished jobs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import BASELINE_STEPS  # noqa: E402  (same steps as the 16-bit baseline)
+
+log = logging.getLogger("study")
+
+
+def _fsq(levels: int, coder: str) -> list[str]:
+    return [f"compress.{m}.{k}={v}" for m in ("image", "text")
+            for k, v in (("name", '"fsq"'), ("levels", levels), ("coder", f'"{coder}"'))]
+
+
+def _codec(name: str, **kw) -> list[str]:
+    out = []
+    for m in ("image", "text"):
+        out.append(f'compress.{m}.name="{name}"')
+        out += [f"compress.{m}.{k}={json.dumps(v)}" for k, v in kw.items()]
+    return out
+
+
+# name -> overrides; the downlink is fp16 (the 16-bit reference) unless the name says otherwise.
+CONFIGS: dict[str, list[str]] = {
+    "fp16": _codec("identity", dtype="fp16") + ['compress.downlink="fp16"'],
+    "fsq-L4-ans": _fsq(4, "ans") + ['compress.downlink="fp16"'],
+    "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
+    "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
+    "fsq-L2-ans": _fsq(2, "ans") + ['compress.downlink="fp16"'],
+    "fsq-L4-pack": _fsq(4, "pack") + ['compress.downlink="fp16"'],
+    "fsq-L8-ans": _fsq(8, "ans") + ['compress.downlink="fp16"'],
+    "fsq-L16-ans": _fsq(16, "ans") + ['compress.downlink="fp16"'],
+    "nf2": _codec("nf", bits=2) + ['compress.downlink="fp16"'],
+    "topk2": _codec("topk", bits=2) + ['compress.downlink="fp16"'],
+    "nf4": _codec("nf", bits=4) + ['compress.downlink="fp16"'],
+    "fp32": _codec("identity", dtype="fp32") + ['compress.downlink="fp32"'],
+    "fsq-L2-pack": _fsq(2, "pack") + ['compress.downlink="fp16"'],
+    "fsq-L8-pack": _fsq(8, "pack") + ['compress.downlink="fp16"'],
+    "fsq-L16-pack": _fsq(16, "pack") + ['compress.downlink="fp16"'],
+}
+SEEDS = {"fp16": (0, 1), "fsq-L4-ans": (0, 1)}
+# Most informative first, so a partial study already answers the main question.
+ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int8", 0), ("fp16", 1), ("fsq-L4-ans", 1),
+         ("fsq-L2-ans", 0), ("fsq-L4-ans-int4", 0), ("nf2", 0), ("topk2", 0), ("fsq-L8-ans", 0),
+         ("fsq-L16-ans", 0), ("nf4", 0), ("fp32", 0), ("fsq-L4-pack", 0), ("fsq-L2-pack", 0), ("fsq-L8-pack", 0),
+         ("fsq-L16-pack", 0)]
+
+
+def run(cmd: list[str], logfile: Path, env: dict | None = None) -> int:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("a") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def job_dir(out: Path, name: str, seed: int) -> Path:
+    return out / name / f"seed{seed}"
+
+
+def _metrics(stage_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
+    el = sum(r["elements_up"]["image"] + r["elements_up"]["text"] for r in rows)
+    up = sum(r["payload_up"]["image"] + r["payload_up"]["text"] for r in rows)
+    down = sum(r["payload_down"]["image"] + r["payload_down"]["text"] for r in rows)
+    samples = sum(r["samples"] for r in rows)
+    return {"uplink_bits_per_element": 8 * up / el, "downlink_bits_per_element": 8 * down / el,
+            "bytes_per_sample_up": sum(r["bytes_up"] for r in rows) / samples,
+            "bytes_per_sample_down": sum(r["bytes_down"] for r in rows) / samples,
+            "steps": len(rows), "seconds": sum(r["seconds"] for r in rows)}
+
+
+def collect(out: Path) -> list[dict]:
+    rows = []
+    for name, seed in ORDER:
+        d = job_dir(out, name, seed)
+        if not (d / "eval.json").exists():
+            continue
+        ev = json.loads((d / "eval.json").read_text())
+        summary = json.loads((d / "pipeline.json").read_text())
+        m2 = _metrics(d / "stage2")
+        m1 = _metrics(d / "stage1")
+        suites = {s: r["ours"] for s, r in ev.items()}
+        if "soc-vqa" in ev:
+            det = ev["soc-vqa"]["details"]
+            suites["soc-vqa/relational"] = det.get("relational")
+            suites["soc-vqa/non-relational"] = det.get("non-relational")
+        rows.append({"config": name, "seed": seed, "suites": suites, **{k: m2[k] for k in (
+            "uplink_bits_per_element", "downlink_bits_per_element", "bytes_per_sample_up", "bytes_per_sample_down")},
+            "stage1": m1, "stage2": m2,
+            "wall_s": round(sum(s["wall_s"] for s in summary["stages"].values()), 1)})
+    ref = [r for r in rows if r["config"] == "fp16" and r["seed"] == 0]
+    if ref:
+        ref_total = ref[0]["bytes_per_sample_up"] + ref[0]["bytes_per_sample_down"]
+        for r in rows:
+            r["total_fraction_of_fp16"] = (r["bytes_per_sample_up"] + r["bytes_per_sample_down"]) / ref_total
+            r["uplink_fraction_of_fp16"] = r["bytes_per_sample_up"] / ref[0]["bytes_per_sample_up"]
+            r["downlink_fraction_of_fp16"] = r["bytes_per_sample_down"] / ref[0]["bytes_per_sample_down"]
+    return rows
+
+
+HEADLINE = ["soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme"]
+
+
+def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
+    head = (f"| config | seed | {' | '.join(HEADLINE)} | rel | non-rel | up bits/el | down bits/el | "
+            f"up B/sample | down B/sample | total / fp16 | wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s = r["suites"]
+        cells = [f"{s.get(k, float('nan')):.1f}" for k in HEADLINE]
+        cells += [f"{s.get('soc-vqa/relational') or float('nan'):.1f}",
+                  f"{s.get('soc-vqa/non-relational') or float('nan'):.1f}"]
+        lines.append(f"| {r['config']} | {r['seed']} | " + " | ".join(cells) +
+                     f" | {r['uplink_bits_per_element']:.3f} | {r['downlink_bits_per_element']:.3f} | "
+                     f"{r['bytes_per_sample_up']:.0f} | {r['bytes_per_sample_down']:.0f} | "
+                     f"{r.get('total_fraction_of_fp16', float('nan')):.4f} | {r['wall_s']:.0f} |")
+    text = "\n".join(lines)
+    path_md.write_text(f"# Rate-accuracy study\n\n{meta['how']}\n\n{text}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4 * len(HEADLINE), 3.6))
+        for ax, suite in zip(axes, HEADLINE):
+            for r in rows:
+                x, y = r["uplink_bits_per_element"], r["suites"].get(suite)
+                if y is None:
+                    continue
+                ax.scatter(x, y, s=18)
+                ax.annotate(f"{r['config']}/{r['seed']}", (x, y), fontsize=6)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("uplink bits / element (sent)")
+            ax.set_title(suite)
+        axes[0].set_ylabel("score (percent; MME: summed score)")
+        fig.tight_layout()
+        fig.savefig(path_png, dpi=110)
+    except ImportError:  # pragma: no cover
+        log.warning("matplotlib missing: no plot")
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--base", default="runs/baseline/stage0/final")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", nargs="*", help="config names to run (default: all, in priority order)")
+    p.add_argument("--set", "-o", action="append", default=[])
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "qtllava.cli"]
+    common = ["--config", args.config] + [x for s in BASELINE_STEPS + args.set for x in ("-o", s)]
+    base = Path(args.base)
+    if not args.report_only and not (base / "DONE").exists():
+        base = out / "base" / "stage0" / "final"
+        if not (base / "DONE").exists():
+            log.info("training the stage-0 base into %s", base.parent)
+            rc = run(exe + ["train", "--stage", "stage0", "--out", str(base.parent), "--resume"] + common,
+                     out / "base.log")
+            if rc:
+                raise SystemExit(f"stage 0 failed (rc {rc}); see {out / 'base.log'}")
+    jobs = [(n, s) for n, s in ORDER if not args.only or n in args.only]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def one(job):
+        name, seed = job
+        d = job_dir(out, name, seed)
+        if (d / "eval.json").exists():
+            return name, seed, 0, 0.0
+        t0 = time.perf_counter()
+        cmd = exe + ["pipeline", "--out", str(d), "--resume", "--base", str(base)] + common + \
+            [x for s in CONFIGS[name] + [f"train.seed={seed}", "train.threads=1"] for x in ("-o", s)]
+        rc = run(cmd, d.with_suffix(".log"), env)
+        log.info("%s seed %d: rc %d in %.0f s", name, seed, rc, time.perf_counter() - t0)
+        return name, seed, rc, time.perf_counter() - t0
+
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            for name, seed, rc, _ in pool.map(one, jobs):
+                if rc:
+                    log.error("%s seed %d failed; see %s", name, seed, job_dir(out, name, seed).with_suffix(".log"))
+    rows = collect(out)
+    how = (f"Command: `python benchmarks/study.py --config {args.config}` ({len(rows)} runs); preset {args.config}; "
+           f"steps {', '.join(BASELINE_STEPS[:3])}; base {base}; machine {platform.machine()} "
+           f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
+           "(shape-mme: summed MME score); bits per element are payload bits actually sent per feature element in "
+           "stage 2; bytes per sample are whole serialized messages per training sample in stage 2.")
+    Path("results").mkdir(exist_ok=True)
+    Path("results/study.json").write_text(json.dumps({"how": how, "rows": rows}, indent=2))
+    print(report(rows, Path("results/study.md"), Path("results/study.png"), {"how": how}))
+
+
+if __name__ == "__main__":
+    main()
