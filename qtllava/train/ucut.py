@@ -84,11 +84,22 @@ def load_head_weight(init: Path) -> torch.Tensor:
     raise FileNotFoundError(f"the U cut needs the LM head: neither {own} nor {server} holds it")
 
 
+class _HiddenOut(nn.Module):
+    """Identity in the LM head's place; keeps a (unregistered) reference to the head's weight for its dtype/device."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "weight", weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
 @contextmanager
 def identity_head(llm):
     """Temporarily replace the LLM's LM head by the identity, so the part's generation code returns hidden states."""
     head = llm.get_output_embeddings()
-    llm.set_output_embeddings(nn.Identity())
+    llm.set_output_embeddings(_HiddenOut(head.weight))
     try:
         yield
     finally:
