@@ -51,7 +51,10 @@ def _question_sets(cfg: Config, data_root: Path, tok, files: Sequence[Path], ima
 
 
 def make_answer_fn(rt: ClientRuntime, tok, where: dict, max_new_tokens: int) -> Callable[[list[dict]], list[str]]:
-    eos = tok.eos_token_id
+    """Batched greedy answers; a row stops at the chat template's stop tokens or the tokenizer's eos."""
+    template = next(iter(where.values()))[0].template if where else None
+    eos = set(template.stop_token_ids(tok)) if template is not None else set()
+    eos.add(tok.eos_token_id)
 
     def answer(questions: list[dict]) -> list[str]:
         samples = []

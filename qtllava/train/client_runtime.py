@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,12 @@ class ClientRuntime:
     # --- generation -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
-        """Batched greedy generation across the split; `batch` is left-padded. Returns new token ids per row."""
+    def generate(self, batch: dict, max_new_tokens: int, eos_token_id: int | Iterable[int]) -> list[list[int]]:
+        """Batched greedy generation across the split; `batch` is left-padded. Returns new token ids per row.
+
+        Generation of a row stops at any of the stop ids (`eos_token_id`: one id or several, e.g. the chat
+        template's end-of-turn token and the tokenizer's eos); the stop id is not returned."""
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         self._generation += 1
         gid = self._generation
         out = self.part(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
@@ -232,7 +237,7 @@ class ClientRuntime:
                 next_ids = self._next_ids(reply, bsz)
                 for i in range(bsz):
                     if not done[i]:
-                        if int(next_ids[i]) == eos_token_id:
+                        if int(next_ids[i]) in stops:
                             done[i] = True
                         else:
                             results[i].append(int(next_ids[i]))
