@@ -191,6 +191,7 @@ class ServerRuntime:
                         sess.next_step)
             return False
         self.load(ck, session=sess.session_id)
+        sess = self.sessions[sess.session_id]
         for d in self._session_checkpoints(sess.session_id):
             if _step_of(d) > _step_of(ck):
                 shutil.rmtree(d, ignore_errors=True)  # an abandoned future; `--resume` must never pick it
