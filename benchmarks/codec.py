@@ -1,6 +1,7 @@
 """Codec benchmark (`make bench-codec`): what `pack` and `ans` really send and how fast, against the entropy and zstd.
 
-For each source (Gaussian stand-ins; features of a trained tiny checkpoint when --checkpoint is given), each shape
+For each source (Gaussian stand-ins; "trained-tiny": features of a trained tiny checkpoint, at the tiny shape only,
+image and text rows), each shape
 (the paper's 728 x 1280 per image, the tiny preset's 64 x 256 per image, batch 8) and L = 2, 4, 8, 16: the
 indices that the fsq client sends (robust normalisation per row, L uniform levels) are coded as one packet per
 batch with `pack`, `ans` and zstd applied to the `pack` bytes. Reported per row: bits per element (payload + side
@@ -42,15 +43,33 @@ LEVELS = (2, 4, 8, 16)
 ZSTD_LEVEL = 3  # zstd's default: what a user tries first
 
 
-def features_from_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Hook: pre-quantization rows of a trained checkpoint, {modality: (N, d_code) encoder outputs}.
+DEFAULT_CHECKPOINTS = ("runs/study/fsq-L4-ans/seed0/stage2/final", "runs/baseline/stage2/final",
+                       "runs/try-tiny/stage2/final")
 
-    Should load the checkpoint's client part, run a batch of its data through tower, connector and embedding table,
-    and return each modality's fsq encoder output (after the Linear, before robust normalisation), so that every L
-    can be re-quantized here. Not wired yet: the model/data loaders belong to the model and training code.
-    """
-    raise NotImplementedError(f"features_from_checkpoint({str(path)!r}): the checkpoint feature loader is not wired "
-                              "yet (needs the model part loader); run without --checkpoint for the Gaussian sources")
+
+def default_checkpoint() -> str:
+    """The newest (by its DONE marker) of DEFAULT_CHECKPOINTS that exists, or "" when none does."""
+    found = [Path(p) for p in DEFAULT_CHECKPOINTS if (Path(p) / "DONE").exists()]
+    return str(max(found, key=lambda p: (p / "DONE").stat().st_mtime)) if found else ""
+
+
+def checkpoint_features(path: str | Path, data_root: str | Path | None = None,
+                        batch: int = BATCH) -> tuple[dict[str, torch.Tensor], dict]:
+    """`features_from_checkpoint` and a plain description of the source (codecs, normalisation, samples)."""
+    from qtllava.eval.levels_cli import checkpoint_rows, encoder_outputs
+
+    cr = checkpoint_rows(path, data_root, batches=1, batch_size=batch)
+    return encoder_outputs(cr), cr.source()
+
+
+def features_from_checkpoint(path: str | Path, data_root: str | Path | None = None,
+                             batch: int = BATCH) -> dict[str, torch.Tensor]:
+    """Pre-quantization rows of a trained checkpoint, {modality: (N, d_code) encoder outputs}: one batch of `batch`
+    samples of the instruction validation split through its client part (tower, connector, embedding table; the
+    extraction `qtllava levels` uses, `qtllava.eval.levels_cli`), then each modality's fsq encoder Linear (the
+    trained one for an fsq checkpoint; the identity, i.e. the rows themselves, otherwise), before robust
+    normalisation, so that every L can be re-quantized here."""
+    return checkpoint_features(path, data_root, batch)[0]
 
 
 def gaussian_rows(n_rows: int, dim: int, seed: int, channels: bool) -> torch.Tensor:
@@ -146,7 +165,10 @@ def crossover_mbit_s(pack: dict, ans: dict) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default="", help="trained tiny checkpoint folder (optional source)")
+    ap.add_argument("--checkpoint", default="auto",
+                    help="trained tiny checkpoint folder for the 'trained-tiny' source; auto (default): the newest "
+                         f"of {', '.join(DEFAULT_CHECKPOINTS)} that exists; none: skip")
+    ap.add_argument("--data", default="", help="data root of the checkpoint (default: its configuration's)")
     ap.add_argument("--out", default="results/codec.json")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shapes", default="paper,tiny")
@@ -162,43 +184,65 @@ def main(argv: list[str] | None = None) -> dict:
         rows = BATCH * tokens
         sources[f"{shape_name}/gaussian"] = {"image": gaussian_rows(rows, dim, args.seed, channels=False)}
         sources[f"{shape_name}/gaussian-channels"] = {"image": gaussian_rows(rows, dim, args.seed + 1, channels=True)}
-    if not args.checkpoint:
-        log.info("source 'checkpoint' skipped: no --checkpoint given")
-    elif not Path(args.checkpoint).exists():
-        log.info("source 'checkpoint' skipped: %s does not exist", args.checkpoint)
+    ckpt = default_checkpoint() if args.checkpoint == "auto" else args.checkpoint
+    trained_source = None
+    if not ckpt or ckpt == "none":
+        log.info("source 'trained-tiny' skipped: no checkpoint (none of %s exists)", ", ".join(DEFAULT_CHECKPOINTS))
+    elif not Path(ckpt).exists():
+        log.info("source 'trained-tiny' skipped: %s does not exist", ckpt)
     else:
-        try:
-            for mod, z in features_from_checkpoint(args.checkpoint).items():
-                sources[f"tiny/checkpoint-{mod}"] = {mod: z}
-        except NotImplementedError as e:
-            log.info("source 'checkpoint' skipped: %s", e)
+        feats, trained_source = checkpoint_features(ckpt, args.data or None)
+        tokens = trained_source["image_tokens_per_image"]
+        # the tiny shape when the checkpoint is a tiny-preset one; the paper shape needs the paper's model
+        # (728 x 1280 rows cannot come from a 64 x 256 model), so trained features exist at the tiny shape only
+        name = "tiny" if (tokens, trained_source["dim"]) == SHAPES["tiny"] else "checkpoint"
+        src = "trained-tiny" if name == "tiny" else "trained"
+        trained_source.update(shape_name=name, source=src)
+        for mod, z in feats.items():
+            if z.shape[0]:
+                sources[f"{name}/{src}"] = {**sources.get(f"{name}/{src}", {}), mod: z}
+        log.info("source %r: %s (%s)", src, ckpt, ", ".join(f"{m} {tuple(z.shape)}" for m, z in feats.items()))
 
     results, crossovers = [], []
     for key, feats in sources.items():
         shape_name, source = key.split("/")
         for mod, z in feats.items():
-            tokens = SHAPES.get(shape_name, (z.shape[0] // BATCH, z.shape[1]))[0]
+            if mod == "image":
+                tokens = SHAPES.get(shape_name, (z.shape[0] // BATCH, z.shape[1]))[0]
+                shape = f"{tokens}x{z.shape[1]}x{BATCH}"
+            else:  # text rows of the batch's BATCH samples: no per-image shape; "per image" = per sample
+                tokens = z.shape[0] / BATCH
+                shape = f"{z.shape[0]}x{z.shape[1]}"
             per_image = tokens * z.shape[1]
             for lv in levels:
+                # the checkpoint's own normalisation for its features; the fsq defaults (3 std, per row) otherwise
+                norm = (trained_source or {}).get("modalities", {}).get(mod) if source.startswith("trained") else None
+                width, over = (norm["norm_width"], norm["norm_over"]) if norm else (3.0, "sample")
                 qt = {}
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
-                    qt[threads] = best_time(lambda: quantize_indices(robust_normalize(z), lv), args.repeats)
-                idx = quantize_indices(robust_normalize(z), lv)[1].numpy()
+                    qt[threads] = best_time(lambda: quantize_indices(robust_normalize(z, width, over), lv),
+                                            args.repeats)
+                idx = quantize_indices(robust_normalize(z, width, over), lv)[1].numpy()
                 rows = bench_codes(idx, lv, args.repeats, per_image)
                 for r in rows:
-                    r.update(shape=f"{tokens}x{z.shape[1]}x{BATCH}", shape_name=shape_name, source=source, modality=mod,
+                    r.update(shape=shape, shape_name=shape_name, source=source, modality=mod,
                              quantize_melem_s=idx.size / qt[1] / 1e6, quantize_melem_s_2threads=idx.size / qt[2] / 1e6)
                 results += rows
                 by = {r["coder"]: r for r in rows}
-                crossovers.append({"shape": rows[0]["shape"], "source": source, "levels": lv,
+                crossovers.append({"shape": rows[0]["shape"], "source": source, "modality": mod, "levels": lv,
                                    "pack_beats_ans_above_mbit_s": crossover_mbit_s(by["pack"], by["ans"])})
     torch.set_num_threads(1)
 
     meta = {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__, "zstd_level": ZSTD_LEVEL, "batch": BATCH,
             "repeats": args.repeats, "timing": "best of repeats, one process; the machine may be shared",
-            "bits_per_element": "(payload + side information) * 8 / codes; packet_bits_per_element adds the header"}
+            "bits_per_element": "(payload + side information) * 8 / codes; packet_bits_per_element adds the header",
+            "trained_source": trained_source,
+            "trained_source_note": "features of a trained tiny checkpoint (one batch of 8 instruction-validation "
+                                   "samples through its client part), at the tiny shape only: the paper shape "
+                                   "(728 x 1280) would need the paper's tower and LLM; text rows are all non-pad "
+                                   "text rows of the same 8 samples (shape rows x D)"}
     out = {"meta": meta, "rows": results, "crossover": crossovers}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
@@ -214,7 +258,8 @@ def print_table(rows: list[dict], crossovers: list[dict]) -> None:
     print("-" * len(hdr))
     for r in rows:
         over = f"{100 * (r['bits_per_element'] / r['entropy_bits'] - 1):+.2f}%" if r["entropy_bits"] else "-"
-        print(f"{r['shape']:>13} {r['source']:>17} {r['levels']:>3} {r['coder']:>9} {r['bits_per_element']:8.4f} "
+        src = r["source"] if r.get("modality", "image") == "image" else f"{r['source']}:{r['modality'][:4]}"
+        print(f"{r['shape']:>13} {src:>17} {r['levels']:>3} {r['coder']:>9} {r['bits_per_element']:8.4f} "
               f"{r['entropy_bits']:7.4f} {over:>7} {r['entropy_channel_bits']:7.4f} "
               f"{r['encode_melem_s']:8.1f} {r['decode_melem_s']:8.1f} "
               f"{r['encode_melem_s_2threads']:7.1f} {r['decode_melem_s_2threads']:7.1f} "
@@ -223,7 +268,8 @@ def print_table(rows: list[dict], crossovers: list[dict]) -> None:
     for c in crossovers:
         v = c["pack_beats_ans_above_mbit_s"]
         txt = "never (ans is smaller and not slower)" if v is None else f"{v:,.0f} Mbit/s"
-        print(f"{c['shape']:>13} {c['source']:>17} L={c['levels']:<3} pack beats ans above {txt}")
+        src = c["source"] if c.get("modality", "image") == "image" else f"{c['source']}:{c['modality'][:4]}"
+        print(f"{c['shape']:>13} {src:>17} L={c['levels']:<3} pack beats ans above {txt}")
 
 
 if __name__ == "__main__":

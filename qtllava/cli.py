@@ -80,6 +80,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_levels(args) -> int:
+    from qtllava.eval.levels_cli import format_levels_table, levels_for_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    saved = ckpt / "config.toml"  # default: the configuration the checkpoint was trained with
+    cfg = load_config(args.config if args.config else (saved if saved.exists() else None), args.set)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    accuracy = {int(k): float(v) for k, _, v in (a.partition("=") for a in args.accuracy)} if args.accuracy else None
+    res = levels_for_checkpoint(ckpt, _data_root(cfg, args), levels=args.levels, batches=args.batches,
+                                batch_size=args.batch_size, budget_bits=args.budget, accuracy=accuracy,
+                                out=Path(args.out), cfg=cfg)
+    print(format_levels_table(res))
+    print(f"wrote {Path(args.out) / 'levels.json'} and {Path(args.out) / 'levels.png'}")
+    return 0
+
+
 # --- split processes: `serve` hosts the server part, `client` holds the data and drives training -------------
 
 
@@ -211,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--server", help="generate across the split: HOST:PORT of a `qtllava serve` process")
     _client_flags(sp, server=False)
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("levels", help="choose L: entropy and bits sent per L on a checkpoint's features")
+    common(sp)
+    sp.set_defaults(config=None)  # default: the checkpoint's own config.toml
+    sp.add_argument("--checkpoint", required=True, help="a stage's final folder (client/ + server/)")
+    sp.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 6, 8, 16], help="L values to measure")
+    sp.add_argument("--batches", type=int, default=8, help="batches of the instruction validation split")
+    sp.add_argument("--batch-size", type=int, help="samples per batch (default: train.stage2.batch_size)")
+    sp.add_argument("--budget", type=float, default=2.0, help="bits per element the recommendation must fit")
+    sp.add_argument("--accuracy", nargs="*", metavar="L=SCORE", help="accuracy per L from real runs (optional)")
+    sp.add_argument("--out", default="results/levels", help="folder for levels.json and levels.png")
+    sp.set_defaults(func=cmd_levels)
 
     sp = sub.add_parser("serve", help="host the server part of a split run (gRPC)")
     common(sp)
