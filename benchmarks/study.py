@@ -51,6 +51,8 @@ CONFIGS: dict[str, list[str]] = {
     "fsq-L4-ans": _fsq(4, "ans") + ['compress.downlink="fp16"'],
     "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
     "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
+    "fsq-L4-ans-int4ans": _fsq(4, "ans") + ['compress.downlink="int4-ans"'],
+    "fsq-L4-ans-int8ans": _fsq(4, "ans") + ['compress.downlink="int8-ans"'],
     "fsq-L2-ans": _fsq(2, "ans") + ['compress.downlink="fp16"'],
     "fsq-L4-pack": _fsq(4, "pack") + ['compress.downlink="fp16"'],
     "fsq-L8-ans": _fsq(8, "ans") + ['compress.downlink="fp16"'],
@@ -65,8 +67,8 @@ CONFIGS: dict[str, list[str]] = {
 }
 SEEDS = {"fp16": (0, 1), "fsq-L4-ans": (0, 1)}
 # Most informative first, so a partial study already answers the main question.
-ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int8", 0), ("fp16", 1), ("fsq-L4-ans", 1),
-         ("fsq-L2-ans", 0), ("fsq-L4-ans-int4", 0), ("nf2", 0), ("topk2", 0), ("fsq-L8-ans", 0),
+ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int8", 0), ("fsq-L4-ans-int4ans", 0), ("fp16", 1),
+         ("fsq-L4-ans", 1), ("fsq-L2-ans", 0), ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf2", 0), ("topk2", 0), ("fsq-L8-ans", 0),
          ("fsq-L16-ans", 0), ("nf4", 0), ("fp32", 0), ("fsq-L4-pack", 0), ("fsq-L2-pack", 0), ("fsq-L8-pack", 0),
          ("fsq-L16-pack", 0)]
 

@@ -117,7 +117,7 @@ class CompressConfig:
 
     image: CodecConfig = field(default_factory=CodecConfig)
     text: CodecConfig = field(default_factory=CodecConfig)
-    downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 (16-bit baseline: fp16 both ways)
+    downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 | int8-ans | int4-ans | int2-ans (16-bit: fp16)
     stochastic_rounding: bool = False
 
 

@@ -2,7 +2,8 @@
 
 Codecs, by exact name: `fp32`, `fp16`, `bf16` (cast), `int8`, `int4` (per-row absmax scaling: each row of the last
 axis gets one fp32 scale, values are rounded to the symmetric grid -Q..Q, Q = 127 or 7, deterministic or
-stochastic). fp32 scales rather than fp16: gradients can be far below fp16's smallest normal (6e-5) and would
+stochastic); `int8-ans`, `int4-ans`, `int2-ans` (ternary) use the same grids but entropy-code the symbols with
+constriction's ANS (model in the packet), since gradients are peaked around 0. fp32 scales rather than fp16: gradients can be far below fp16's smallest normal (6e-5) and would
 flush to zero; 32 bits per row is 0.025 bits per element at D = 1280.
 
 Packet: codec "grad", dtype = the codec name, shape = the gradient's shape; payload = the values (int4: two per
@@ -149,3 +150,49 @@ def _int_codec(bits: int) -> tuple[Callable, Callable]:
 
 register_grad_codec("int8", *_int_codec(8))
 register_grad_codec("int4", *_int_codec(4))
+
+
+# --- integers, entropy-coded -------------------------------------------------------------------------------------
+
+
+def _int_ans_codec(bits: int) -> tuple[Callable, Callable]:
+    """Same grid as `_int_codec` (int2 = ternary -1, 0, 1), but the symbols are ANS-coded with the model in the
+    packet: gradients are peaked around 0, so they cost far fewer bits than the fixed width. side = fp32 scales
+    per row, then the entropy model."""
+    from qtllava.compress.coding import CodingError, ans_decode, ans_encode
+
+    qmax = (1 << (bits - 1)) - 1
+    levels = 2 * qmax + 1
+
+    def enc(g: torch.Tensor, stochastic: bool, generator) -> tuple[bytes, bytes]:
+        rows = g.reshape(-1, g.shape[-1]).to(torch.float32) if g.shape[-1] else g.reshape(0, 0).float()
+        scale = rows.abs().amax(dim=1) if rows.numel() else torch.zeros(rows.shape[0], device=g.device)
+        y = rows * (qmax / torch.where(scale > 0, scale, 1.0))[:, None]
+        if stochastic:
+            q = torch.floor(y + torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype))
+        else:
+            q = torch.round(y)
+        idx = (q.clamp(-qmax, qmax) + qmax).to(torch.uint8).cpu().numpy()
+        payload, model = ans_encode(idx, levels)
+        return payload, scale.cpu().numpy().astype("<f4").tobytes() + model
+
+    def dec(payload: bytes, side: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        n_rows = math.prod(shape[:-1]) if shape[-1] else 0
+        if len(side) < 4 * n_rows:
+            raise PacketError(f"int{bits}-ans gradient: {len(side)} bytes of side information, the scales alone "
+                              f"need {4 * n_rows}")
+        scale = torch.from_numpy(np.frombuffer(side[:4 * n_rows], dtype="<f4").astype(np.float32))
+        try:
+            idx = ans_decode(payload, side[4 * n_rows:], levels, (n_rows, shape[-1]) if n else (0,))
+        except CodingError as e:
+            raise PacketError(f"int{bits}-ans gradient: {e}") from e
+        q = torch.from_numpy(idx.astype(np.float32)) - qmax
+        out = q.reshape(n_rows, -1) * (scale / qmax)[:, None] if n else torch.zeros(0)
+        return out.reshape(shape)
+
+    return enc, dec
+
+
+for _bits in (8, 4, 2):
+    register_grad_codec(f"int{_bits}-ans", *_int_ans_codec(_bits))
