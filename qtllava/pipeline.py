@@ -11,7 +11,7 @@ from qtllava.config import Config, to_dict
 from qtllava.data import make_data
 from qtllava.train.loop import STAGES, run_stage
 
-__all__ = ["run_pipeline", "run_demo", "format_traffic"]
+__all__ = ["run_pipeline", "run_split_pipeline", "run_demo", "format_traffic"]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,119 @@ def run_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: 
     return result
 
 
-def run_demo(cfg: Config, out: Path, data_root: Path | None = None) -> str:
-    """The main job on a preset; returns the text to print (accuracy table beside the traffic table)."""
-    result = run_pipeline(cfg, out, data_root=data_root, resume=True)
-    return "\n\n".join([f"== {cfg.name}: accuracy (ours vs chance vs majority) ==", result.get("eval_table", ""),
-                        "== traffic per stage (serialized gRPC message bytes, loopback) ==",
-                        result["traffic_table"], f"results: {out / 'eval.json'}, {out / 'pipeline.json'}"])
+def run_split_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: bool = False,
+                       evaluate: bool = True) -> dict:
+    """Like `run_pipeline`, but the compressed stages run as two processes on loopback: `qtllava serve` (server
+    part, its own folder) and `qtllava client` (data and client part), with a fresh token for authentication.
+    Stage 0 (the stand-in for pretrained weights) runs in this process. Evaluation generates across the split
+    through the last stage's server. Writes `out/pipeline.json`; returns tables as `run_pipeline` does, plus
+    `link_table` (bytes per direction and part, per stage)."""
+    import secrets
+
+    from qtllava.config import to_toml
+    from qtllava.train.accounting import format_link_table, read_metrics, summarize_link
+    from qtllava.train.procs import spawn, spawn_server
+
+    out.mkdir(parents=True, exist_ok=True)
+    root = make_data(cfg.data, cfg.vision.image_size, root=data_root or Path(cfg.data.root))
+    summary_path = out / "pipeline.json"
+    runs: dict[str, dict] = {}
+    if resume and summary_path.exists():
+        runs = json.loads(summary_path.read_text()).get("stages", {})
+    if not (resume and "stage0" in runs and (out / "stage0" / "final" / "DONE").exists()):
+        t0 = time.perf_counter()
+        r = run_stage(cfg, "stage0", root, out / "stage0", resume=resume)
+        runs["stage0"] = {"steps_run": r.steps, "wall_s": time.perf_counter() - t0, "last_loss": r.last_loss,
+                          "traffic": r.traffic, "mode": "in-process"}
+    cfg_file, token_file = out / "config.toml", out / "split.token"
+    cfg_file.write_text(to_toml(cfg))
+    token_file.write_text(secrets.token_hex(16) + "\n")
+    common = ["--config", str(cfg_file), "--data", str(root)]
+    client_init = server_init = out / "stage0" / "final"
+    link_tables, results, server = [], None, None
+    token = token_file.read_text().strip()
+    try:
+        for stage in STAGES[1:]:
+            folder = out / stage
+            evaluate_here = evaluate and stage == STAGES[-1]
+            done = (folder / "client" / "final" / "DONE").exists() and (folder / "server" / "final" / "DONE").exists()
+            if not (resume and done and stage in runs):
+                again = ["--resume"] if resume else []
+                server, port = spawn_server(["--stage", stage, *common, "--init", str(server_init), "--out",
+                                             str(folder / "server"), "--token-file", str(token_file), *again],
+                                            folder / "port", folder / "server.log")
+                print(f"{stage}: server pid {server.pid} on 127.0.0.1:{port}, client log {folder / 'client.log'}",
+                      flush=True)
+                t0 = time.perf_counter()
+                client = spawn(["client", *common, "--stage", stage, "--init", str(client_init), "--out",
+                                str(folder / "client"), "--server", f"127.0.0.1:{port}", "--token-file",
+                                str(token_file), "--no-progress", *again], folder / "client.log")
+                try:
+                    if client.wait(24 * 3600) != 0:
+                        raise RuntimeError(f"{stage} client failed:\n{client.tail()}")
+                finally:
+                    client.stop()
+                rows = read_metrics(folder / "client" / "metrics.jsonl")
+                runs[stage] = {"steps_run": len(rows), "wall_s": time.perf_counter() - t0,
+                               "last_loss": rows[-1]["loss"] if rows else float("nan"), "mode": "split (gRPC)",
+                               "traffic": {"step": {"bytes_up": sum(r["bytes_up"] for r in rows),
+                                                    "bytes_down": sum(r["bytes_down"] for r in rows)}},
+                               "link": summarize_link(rows)}
+                summary_path.write_text(json.dumps({"config": to_dict(cfg), "stages": runs}, indent=2))
+            elif evaluate_here:  # trained before: a generation-only server on the stage's final weights
+                server, port = spawn_server(["--stage", "none", *common, "--init", str(folder / "server" / "final"),
+                                             "--token-file", str(token_file)], folder / "port",
+                                            folder / "server-eval.log")
+            if evaluate_here:
+                results, runs[stage]["eval_traffic"] = _evaluate_across(cfg, folder / "client" / "final", root,
+                                                                        port, token)
+            if server is not None:
+                server.stop()
+                server = None
+            link_tables.append(format_link_table(runs[stage]["link"], f"-- {stage} ({runs[stage]['mode']}) --"))
+            client_init, server_init = folder / "client" / "final", folder / "server" / "final"
+    finally:
+        if server is not None:
+            server.stop()
+    result = {"stages": runs, "final": {"client": str(client_init), "server": str(server_init)},
+              "traffic_table": format_traffic(runs), "link_table": "\n\n".join(link_tables)}
+    if results is not None:
+        from qtllava.eval.runner import format_table, write_results
+
+        write_results(results, out / "eval.json")
+        result["eval"] = results
+        result["eval_table"] = format_table(results)
+    summary_path.write_text(json.dumps({"config": to_dict(cfg), "stages": runs, "final": result["final"],
+                                        "eval": result.get("eval")}, indent=2, default=str))
+    return result
+
+
+def _evaluate_across(cfg: Config, client_final: Path, root: Path, port: int, token: str) -> tuple[dict, dict]:
+    """Score the suites with generation across the split (server on 127.0.0.1:port). -> (results, traffic)"""
+    from qtllava.eval.model_answer import evaluate_checkpoint_results
+    from qtllava.wire.grpc_transport import ClientOptions, GrpcLink
+
+    link = GrpcLink(ClientOptions(target=f"127.0.0.1:{port}", token=token, client_name="evaluator"))
+    try:
+        return evaluate_checkpoint_results(cfg, client_final, data_root=root, link=link), link.traffic.summary()
+    finally:
+        link.shutdown()
+
+
+def run_demo(cfg: Config, out: Path, data_root: Path | None = None, split: bool = True) -> str:
+    """The main job on a preset; returns the text to print (accuracy table beside the traffic tables).
+
+    split: stages 1-2 run as a server process and a client process over gRPC on loopback (`run_split_pipeline`);
+    False: everything in this process (`run_pipeline`)."""
+    if not split:
+        result = run_pipeline(cfg, out, data_root=data_root, resume=True)
+        return "\n\n".join([f"== {cfg.name}: accuracy (ours vs chance vs majority) ==", result.get("eval_table", ""),
+                            "== traffic per stage (serialized gRPC message bytes, loopback) ==",
+                            result["traffic_table"], f"results: {out / 'eval.json'}, {out / 'pipeline.json'}"])
+    result = run_split_pipeline(cfg, out, data_root=data_root, resume=True)
+    return "\n\n".join([f"== {cfg.name}: accuracy (ours vs chance vs majority; answers generated across the split) ==",
+                        result.get("eval_table", ""),
+                        "== traffic per stage (serialized gRPC message bytes; stage 0 in one process) ==",
+                        result["traffic_table"],
+                        "== bytes on the wire per direction and part (server and client as two processes) ==",
+                        result["link_table"], f"results: {out / 'eval.json'}, {out / 'pipeline.json'}"])
