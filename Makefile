@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= tiny
 
-.PHONY: demo test venv bench bench-baseline bench-codec clean proto
+.PHONY: demo test venv bench bench-baseline bench-codec bench-privacy clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ bench-baseline: $(STAMP)
 
 bench-codec: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
+
+# Attacks on what crosses the wire, per compressor (issue 7); Fashion-MNIST comes from Debian's package.
+bench-privacy: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y dataset-fashion-mnist) || \
+		echo "dataset-fashion-mnist not installed: the fashion image set is skipped"
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/privacy.py
 
 clean:
 	rm -rf runs/demo-* data/micro

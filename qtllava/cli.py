@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     _client_flags(sp, server=True)
     sp.set_defaults(func=cmd_client)
+
+    from qtllava.privacy.cli import add_attack_parser  # `qtllava attack` (issue 7)
+    add_attack_parser(sub)
     return p
 
 

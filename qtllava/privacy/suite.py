@@ -77,14 +77,14 @@ def micro_settings() -> SuiteSettings:
 
 
 def config_label(cfg: Config) -> str:
-    """Short name of the image/text codec setting: fp16, fsq-L4, fsq-L4-ans, nf-2bit, topk-2bit."""
+    """Name of the codec setting, as the study names its runs: fp16, fsq-L4-ans, fsq-L2-pack, nf2, topk2."""
     c = cfg.compress.image
     if c.name == "identity":
         return c.dtype
     if c.name == "fsq":
-        return f"fsq-L{c.levels}" + ("-ans" if c.coder == "ans" else "")
+        return f"fsq-L{c.levels}-{c.coder}"
     if c.name in ("nf", "topk"):
-        return f"{c.name}-{c.bits}bit"
+        return f"{c.name}{c.bits}"
     return c.name
 
 
