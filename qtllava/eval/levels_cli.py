@@ -329,6 +329,11 @@ def _reasoning(res: dict, cr: CheckpointRows) -> str:
         lv = ", ".join(f"{m} L={v}" for m, v in trained.items())
         text.append(f"This fsq checkpoint was trained at {lv}; other L re-quantize its trained encoder's outputs, "
                     "so their rates are real but their accuracy needs a run trained at that L.")
+        nested = sorted({m for t in set(trained.values()) for m in res["levels"] if m != t and (m - 1) % (t - 1) == 0})
+        if nested:
+            text.append(f"L = {', '.join(map(str, nested))} contain the trained levels (L - 1 a multiple of the "
+                        "trained L - 1), so the trained encoder's outputs, which cluster on its own levels, keep "
+                        "their codes there: their entropy can lie below that of a smaller L that splits them.")
     else:
         text.append("The checkpoint has no fsq encoder: the raw rows were quantized by a fresh (identity) fsq "
                     "encoder, i.e. before any training with the quantizer (training with the distortion loss may "
