@@ -31,6 +31,11 @@ bench-baseline: $(STAMP)
 bench-codec: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 
+# Split over gRPC on loopback vs in process (tiny), and communication per step over emulated links (tc netem in a
+# network namespace where the kernel has it, else an analytic model; see results/split.json "emulation").
+bench-split: $(STAMP)
+	$(BIN)/python benchmarks/split.py
+
 # Attacks on what crosses the wire, per compressor (issue 7); Fashion-MNIST comes from Debian's package.
 bench-privacy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y dataset-fashion-mnist) || \

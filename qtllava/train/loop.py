@@ -33,7 +33,7 @@ from qtllava.wire.loopback import LoopbackLink
 from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "stage_parts", "client_head", "STAGES"]
+           "sample_indices", "stage_parts", "stage_batches", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,37 @@ class _MetricsLog:
         self.file.close()
 
 
+def stage_batches(cfg: Config, stage: str, data_root: Path, tok, shard: tuple[int, int] | None = None):
+    """The stage's data as a function of the step: step -> its micro-batches (a pure function of seed and step).
+
+    `shard=(i, n)`: every n-th sample starting at i (each of several clients trains on its own part)."""
+    rec = recipe(stage)
+    st = getattr(cfg.train, stage)
+    template = cfg.data.template if rec.template == "chat" else "pretrain"
+    datasets = [LlavaDataset.load(data_root / name, data_root / "images", tok, template=template,
+                                  image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
+                                  max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
+                                  image_std=cfg.vision.image_std, skip_bad=cfg.data.skip_bad)
+                for name in rec.data]
+    index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+        index = index[i::n]
+    seed = cfg.train.seed * 1000 + STAGES.index(stage)
+
+    def batches(step: int) -> list[dict]:
+        micro = []
+        for m in range(st.grad_accum):
+            pos = (step * st.grad_accum + m) * st.batch_size
+            samples = [datasets[index[j][0]][index[j][1]] for j in sample_indices(len(index), st.batch_size, pos, seed)]
+            micro.append(collate(samples, pad_id=tok.pad_token_id, padding_side="right"))
+        return micro
+
+    return batches
+
+
 def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Path, init: str | Path | None = None,
               resume: bool = False, max_steps: int | None = None, progress: bool = True, link=None,
               cut: str = "paper", client_name: str = "client", shard: tuple[int, int] | None = None) -> StageRun:
@@ -184,7 +215,6 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
     data_root, out_dir = Path(data_root), Path(out_dir)
     remote = link is not None
     check_cut(cut)
-    rec = recipe(stage)
     st = getattr(cfg.train, stage)
     scfg, tok, client, server = stage_parts(cfg, stage, data_root, init,
                                            ("client",) if remote else ("client", "server"))
@@ -220,19 +250,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
             client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=0))
             _save_checkpoint(out_dir / "checkpoints" / f"step-{0:06d}", client_rt, None, scfg)
 
-    template = cfg.data.template if rec.template == "chat" else "pretrain"
-    datasets = [LlavaDataset.load(data_root / name, data_root / "images", tok, template=template,
-                                  image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
-                                  max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
-                                  image_std=cfg.vision.image_std, skip_bad=cfg.data.skip_bad)
-                for name in rec.data]
-    index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]
-    if shard is not None:
-        i, n = shard
-        if not 0 <= i < n:
-            raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-        index = index[i::n]
-    seed = cfg.train.seed * 1000 + STAGES.index(stage)
+    batches = stage_batches(cfg, stage, data_root, tok, shard)
     end = st.steps if max_steps is None else min(st.steps, max_steps)
     t0 = time.perf_counter()
     last_loss = float("nan")
@@ -240,11 +258,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
     step = start
     try:
         while step < end:
-            micro = []
-            for m in range(st.grad_accum):
-                pos = (step * st.grad_accum + m) * st.batch_size
-                samples = [datasets[index[j][0]][index[j][1]] for j in sample_indices(len(index), st.batch_size, pos, seed)]
-                micro.append(collate(samples, pad_id=tok.pad_token_id, padding_side="right"))
+            micro = batches(step)
             done = step + 1
             try:
                 stats = client_rt.train_step(micro)
