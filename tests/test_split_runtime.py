@@ -281,3 +281,35 @@ def test_server_crash_then_resume_rolls_the_client_back(data, tmp_path, referenc
     _assert_same_run(reference, tmp_path / "client", tmp_path / "server" / "final")
     events = [json.loads(x) for x in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in events if "step" in r][-STEPS + 2:] == list(range(2, STEPS))
+
+
+def test_two_u_cut_clients_in_threads_take_turns(data, tmp_path):
+    """Concurrent U-cut clients: a session's forward and backward are never split by another session's step."""
+    import threading
+
+    from qtllava.train.loop import client_head, stage_batches
+
+    cfg = micro("train.stage0.steps=3")
+    server_rt = build_server_runtime(cfg, "stage0", data, tmp_path / "server", cut="u")
+    runtimes, errors = [], []
+    for i in range(2):
+        scfg, tok, client, server = stage_parts(cfg, "stage0", data)
+        rt = ClientRuntime(client, scfg, LoopbackLink(server_rt), "stage0", total_steps=3, vocab_size=len(tok),
+                           name=f"c{i}", cut="u", head=client_head(server, None))
+        rt.connect()
+        runtimes.append((rt, stage_batches(cfg, "stage0", data, tok, shard=(i, 2))))
+
+    def train(rt, batches):
+        try:
+            for step in range(3):
+                rt.train_step(batches(step))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=pair) for pair in runtimes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and server_rt.applied_steps == 6
+    assert sorted(s.next_step for s in server_rt.sessions.values()) == [3, 3]

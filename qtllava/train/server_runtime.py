@@ -6,8 +6,8 @@ gRPC) calls the same methods with the same parsed protobuf messages, so simulati
 Several clients: the server model is shared; each session has its own step counter, its own gradient accumulation
 (partial sums live with the session, never in the shared parameters' `.grad` between calls) and its own metrics.
 Steps are applied in arrival order under one lock; step ids make retries idempotent. In the U-shaped cut a session
-holds the server between its forward and its backward message (other sessions wait, then get ABORTED and retry),
-because a stale graph cannot be backpropagated once another session has moved the shared weights.
+holds the server between its forward and its backward message (other sessions wait), because a stale graph cannot
+be backpropagated once another session has moved the shared weights.
 
 Checkpoints (Checkpoint RPC): `checkpoint_dir/<session>/step-NNNNNN`, written at the steps the client saves its own.
 A client that resumes from step k (Hello.resume) makes the server roll back to its checkpoint of step k for that
@@ -215,12 +215,21 @@ class ServerRuntime:
             raise SplitError(f"{what} packet: {e}", "INVALID_ARGUMENT") from e
 
     def _wait_turn(self, sid: str) -> None:
-        """U cut: wait (lock released) while another session is between its forward and backward message."""
+        """U cut: wait (lock released) while another session is between its forward and backward message.
+
+        A session that keeps the turn longer than `busy_timeout` (its client died) loses its pending forward; if it
+        comes back, its backward is refused as out of order and it rolls back like any resuming client."""
         deadline = time.monotonic() + self.busy_timeout
         while self._owner not in (None, sid):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SplitError(f"server busy with another session's U-cut step ({self._owner})", "ABORTED")
+                stale = self.sessions.get(self._owner)
+                log.warning("session %s held the U-cut turn for %.0f s; dropping its pending forward", self._owner,
+                            self.busy_timeout)
+                if stale is not None:
+                    stale.pending = None
+                self._release(self._owner)
+                break
             self._turn.wait(left)
 
     def _release(self, sid: str) -> None:
