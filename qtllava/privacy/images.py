@@ -128,8 +128,9 @@ class VictimSet:
     classes: dict[str, int] = field(default_factory=dict)  # record id -> Fashion-MNIST class
 
 
-def scene_set(data_root: Path, template: str, limit: int | None = None) -> VictimSet:
-    """The validation split of the instruction corpus (held out from training) with its scenes' objects."""
+def scene_set(data_root: Path, template: str, limit: int | None = None, out: Path | None = None) -> VictimSet:
+    """The validation split of the instruction corpus (held out from training) with its scenes' objects; with
+    `limit`, its first records, written to `out` (never into the data root)."""
     data_root = Path(data_root)
     records = json.loads((data_root / "instruct_val.json").read_text())
     if limit is not None:
@@ -143,7 +144,10 @@ def scene_set(data_root: Path, template: str, limit: int | None = None) -> Victi
     objects = {r["id"]: scenes[r["image"]] for r in records if r.get("image") in scenes}
     path = data_root / "instruct_val.json"
     if limit is not None:
-        path = data_root / f".privacy-instruct_val-{limit}.json"
+        if out is None:
+            raise ValueError("scene_set: a limit needs an output folder")
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"instruct_val-first{limit}.json"
         path.write_text(json.dumps(records))
     return VictimSet("scenes", path, data_root / "images", template, [r["id"] for r in records], objects=objects)
 

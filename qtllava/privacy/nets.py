@@ -60,7 +60,7 @@ class InversionNet(nn.Module):
 class Probe(nn.Module):
     """(B, 3, S, S) in [0, 1] -> (B, n_out) logits: strided convolutions down to <= 8 px, then an MLP."""
 
-    def __init__(self, image_size: int, n_out: int, channels: int = 32):
+    def __init__(self, image_size: int, n_out: int, channels: int = 16):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1), nn.GELU()]
         s, c = image_size, channels

@@ -51,7 +51,7 @@ def train_scene_probe(image_size: int, n_images: int, steps: int, seed: int,
     x = unit_images(images, image_size)
     torch.manual_seed(seed)
     probe = Probe(image_size, N_COLORS * (N_SHAPES + N_CELLS))
-    fit(probe, x, _scene_loss, torch.cat([shapes, cells], 1), steps, 64, 2e-3, seed=seed, augment=blur_noise)
+    fit(probe, x, _scene_loss, torch.cat([shapes, cells], 1), steps, 32, 2e-3, seed=seed, augment=blur_noise)
     return probe
 
 
@@ -78,7 +78,7 @@ def train_fashion_probe(image_size: int, n_images: int, steps: int, seed: int) -
     x = unit_images([Image.fromarray(im) for im in raw], image_size)
     torch.manual_seed(seed)
     probe = Probe(image_size, 10)
-    fit(probe, x, F.cross_entropy, torch.from_numpy(labels), steps, 64, 2e-3, seed=seed, augment=blur_noise)
+    fit(probe, x, F.cross_entropy, torch.from_numpy(labels), steps, 32, 2e-3, seed=seed, augment=blur_noise)
     return probe
 
 

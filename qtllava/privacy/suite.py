@@ -60,7 +60,7 @@ class SuiteSettings:
     surrogate_lr: float = 1e-3
     text_steps: int = 600
     probe_images: int = 3000
-    probe_steps: int = 600
+    probe_steps: int = 800
     probe_seed: int = 9_000_011
     eval_limit: int | None = None  # samples per victim set (None: all of instruct_val; 200 fashion images)
     fashion_eval: int = 200
@@ -116,6 +116,7 @@ class PrivacyRun:
         self._aux: tuple[AuxImages, torch.Tensor, torch.Tensor] | None = None
         self._inverters: dict[str, A.InversionNet] = {}
         self._probes: dict[str, Probe] = {}
+        self._classifiers: dict[str, A.TextClassifier] = {}
         self.timings: dict[str, float] = {}
 
     @property
@@ -130,7 +131,7 @@ class PrivacyRun:
         if name not in self._sets:
             tpl = self.cfg.data.template
             if name == "scenes":
-                self._sets[name] = scene_set(self.data_root, tpl, self.s.eval_limit)
+                self._sets[name] = scene_set(self.data_root, tpl, self.s.eval_limit, self.work / "victim")
             elif name == "fashion":
                 if not fashion_available():
                     raise FashionMissing("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); "
@@ -262,7 +263,9 @@ class PrivacyRun:
         if attacker == "white":
             pred = A.nearest_tokens(rows, A.text_table(client))
         else:
-            pred = A.classify_tokens(A.train_text_classifier(client, self.s.text_steps, seed=self.s.seed), rows)
+            if attacker not in self._classifiers:
+                self._classifiers[attacker] = A.train_text_classifier(client, self.s.text_steps, seed=self.s.seed)
+            pred = A.classify_tokens(self._classifiers[attacker], rows)
         true = torch.cat(truth.text_tokens)
         return {"config": self.label, "attacker": attacker, "image_set": image_set,
                 "text_token_acc": token_accuracy(pred, true), "text_rows": int(true.numel()),
