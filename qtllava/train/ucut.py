@@ -121,6 +121,6 @@ def head_loss(head: ClientHead, hidden_rows: torch.Tensor, labels: torch.Tensor,
     target = shifted[mask]
     keep = target != IGNORE_INDEX
     n_tokens = int(keep.sum())
-    logits = head(hidden_rows[keep])
+    logits = head(hidden_rows[keep].to(head.lm_head.weight.dtype))
     loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / max(n_tokens, 1)
     return loss, n_tokens
