@@ -129,7 +129,7 @@ def bench_codes(idx: np.ndarray, levels: int, repeats: int, per_image: int) -> l
                "packet_bits_per_element": packet_bits(idx.shape, pl, sd, levels, name) if name != "zstd-pack" else
                None}
         if name == "ans":
-            row["ans_mode"] = ("raw", "const", "pooled", "grouped")[side[0]]
+            row["ans_mode"] = ("raw", "const", "pooled", "grouped", "rows")[side[0]]
         for threads in (1, 2):
             torch.set_num_threads(threads)
             te, td = best_time(enc, repeats), best_time(dec, repeats)

@@ -173,3 +173,115 @@ def test_ans_grouped_round_trip_and_never_much_worse_than_pooled(levels, n_rows,
     assert np.array_equal(ans_decode(payload, side, levels, idx.shape), idx)
     pooled = sum(map(len, ans_encode(idx, levels, groups=1)))
     assert len(payload) + len(side) <= pooled + max(8, pooled // 100)
+
+
+# --- row dictionary (mode 4) ---------------------------------------------------------------------------------
+
+
+def repeated_rows(n_rows, n_distinct, cols, levels, seed=0, near=0.0):
+    """Rows drawn from `n_distinct` Gaussian code rows (token embeddings, white canvas patches); with `near` > 0,
+    each drawn row has that fraction of its channels re-drawn (near-duplicates, as image patches)."""
+    rng = np.random.default_rng(seed)
+    base = gaussian_indices(n_distinct, cols, levels, seed=seed)
+    idx = base[rng.integers(0, n_distinct, n_rows)].copy()
+    if near:
+        hit = rng.random(idx.shape) < near
+        idx[hit] = rng.integers(0, levels, int(hit.sum()))
+    return idx
+
+
+@st.composite
+def row_arrays(draw):
+    """(rows, cols) or (batch, rows, cols) indices whose rows repeat: a few distinct rows, picked at random, some
+    perturbed; constant rows and constant channels too."""
+    levels = draw(st.integers(2, 256))
+    rows, cols = draw(st.integers(0, 80)), draw(st.integers(1, 48))
+    distinct = draw(st.integers(1, max(1, rows)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["uniform", "bell", "const_rows", "near"]))
+    if kind == "uniform":
+        base = rng.integers(0, levels, (distinct, cols))
+    elif kind == "const_rows":
+        base = np.repeat(rng.integers(0, levels, (distinct, 1)), cols, axis=1)
+    else:
+        z = np.clip(rng.standard_normal((distinct, cols)) / 3, -1, 1)
+        base = np.rint((z + 1) * (levels - 1) / 2)
+    idx = base[rng.integers(0, distinct, rows)] if rows else np.zeros((0, cols))
+    if kind == "near" and rows:
+        hit = rng.random(idx.shape) < 0.05
+        idx[hit] = rng.integers(0, levels, int(hit.sum()))
+    idx = idx.astype(np.uint8)
+    if draw(st.booleans()) and rows % 2 == 0:
+        idx = idx.reshape(2, rows // 2, cols)
+    return idx, levels
+
+
+@FAST
+@given(row_arrays(), st.sampled_from(["auto", 1]))
+def test_ans_row_dictionary_round_trip(case, groups):
+    idx, levels = case
+    payload, side = ans_encode(idx, levels, groups=groups)
+    out = ans_decode(payload, side, levels, idx.shape)
+    assert out.shape == idx.shape and np.array_equal(out, idx)
+    size = len(payload) + len(side)
+    assert size <= sum(map(len, ans_encode(idx, levels, groups=groups, rows=False)))  # never worse than symbols
+    assert size <= math.ceil(idx.size * index_bits(levels) / 8) + 2
+
+
+@pytest.mark.parametrize("levels", [2, 3, 4, 16, 33, 256])
+def test_ans_row_dictionary_edge_cases(levels):
+    row = gaussian_indices(1, 300, levels, seed=levels)
+    cases = {
+        "all rows equal": np.repeat(row, 40, axis=0),
+        "all distinct": gaussian_indices(40, 300, levels, seed=1),
+        "one row": row,
+        "empty": np.zeros((0, 300), np.uint8),
+        "no channels": np.zeros((5, 0), np.uint8),
+        "one channel": np.repeat(row[:, :1], 200, axis=0),
+        "two copies": np.concatenate([row, row]),
+        "3-D": repeated_rows(120, 7, 64, levels, seed=2).reshape(4, 30, 64),
+        "near": repeated_rows(200, 5, 64, levels, seed=3, near=0.02),
+    }
+    for name, idx in cases.items():
+        payload, side = ans_encode(idx, levels)
+        assert np.array_equal(ans_decode(payload, side, levels, idx.shape), idx), name
+    payload, side = ans_encode(cases["all rows equal"], levels)  # the dictionary, or per-channel models at L = 2
+    assert len(payload) + len(side) < sum(map(len, ans_encode(row, levels))) + 24  # ~ one row plus a few bytes
+
+
+@pytest.mark.parametrize("levels", [2, 4, 8, 16])
+def test_ans_beats_zstd_on_repeated_rows(levels):
+    zstandard = pytest.importorskip("zstandard")
+    zc = zstandard.ZstdCompressor(level=3)
+    cases = {"tokens": repeated_rows(500, 60, 256, levels, seed=levels),  # text: rows are a function of the token
+             "patches": repeated_rows(512, 12, 256, levels, seed=levels, near=0.01)}  # near-duplicate image rows
+    for name, idx in cases.items():
+        payload, side = ans_encode(idx, levels)
+        assert side[0] == coding.MODE_ROWS, name
+        assert np.array_equal(ans_decode(payload, side, levels, idx.shape), idx)
+        z = len(zc.compress(pack_indices(idx, levels)))
+        assert len(payload) + len(side) < z, (name, len(payload) + len(side), z)
+        assert len(payload) + len(side) < 0.5 * sum(map(len, ans_encode(idx, levels, rows=False)))
+
+
+def test_ans_row_dictionary_skipped_on_distinct_rows():
+    idx = gaussian_indices(728, 1280, 4)
+    assert not coding._rows_may_repeat(idx)
+    payload, side = ans_encode(idx, 4)
+    assert side[0] in (coding.MODE_POOLED, coding.MODE_GROUPED)
+
+
+def test_ans_row_dictionary_detects_wrong_shape_and_corruption():
+    for idx, levels in ((repeated_rows(300, 20, 64, 4, seed=5), 4),  # context variant
+                        (repeated_rows(300, 20, 64, 100, seed=6), 100)):  # unique rows coded as symbols
+        payload, side = ans_encode(idx, levels)
+        assert side[0] == coding.MODE_ROWS
+        for shape in ((301, 64), (299, 64), (300, 65), (300 * 64,)):
+            with pytest.raises(CodingError):
+                ans_decode(payload, side, levels, shape)
+        with pytest.raises(CodingError):
+            ans_decode(payload[:-4], side, levels, idx.shape)
+        with pytest.raises(CodingError):
+            ans_decode(payload, side[:-1], levels, idx.shape)
+        with pytest.raises(CodingError):
+            ans_decode(payload, side + b"\x00", levels, idx.shape)
