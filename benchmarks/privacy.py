@@ -232,7 +232,7 @@ def write_grid(grids: dict[str, dict], path: Path) -> None:
                             ha="right", va="center", fontsize=7)
             r += 1
     fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.08)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
