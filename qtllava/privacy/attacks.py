@@ -24,7 +24,8 @@ from qtllava.privacy.nets import InversionConfig, InversionNet, fit, predict
 from qtllava.privacy.wire import Capture, parse_steps
 from qtllava.train.ucut import predicting_mask
 
-__all__ = ["wire_image_rows", "wire_text_rows", "client_image_rows", "train_inverter", "invert",
+__all__ = ["wire_image_rows", "wire_text_rows", "client_image_rows", "train_inverter", "invert", "Alignment",
+           "fit_alignment",
            "text_table", "nearest_tokens", "TextClassifier", "train_text_classifier", "classify_tokens",
            "LabelObservation", "observe_labels"]
 
@@ -73,10 +74,50 @@ def train_inverter(rows: torch.Tensor, images: torch.Tensor, cfg: InversionConfi
     return net, history
 
 
-def invert(net: InversionNet, capture: Capture, server: ServerPart) -> torch.Tensor:
-    """Reconstruct every image of the capture -> (n_images, 3, S, S) in [0, 1]."""
+@dataclass
+class Alignment:
+    """An affine map of wire rows into the surrogate's feature space: x -> (x - mu_wire[t]) @ m + mu_surrogate[t]
+    (per-token means, one shared d x d matrix)."""
+
+    mu_wire: torch.Tensor  # (N, d)
+    mu_surrogate: torch.Tensor  # (N, d)
+    m: torch.Tensor  # (d, d)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return ((rows.float() - self.mu_wire) @ self.m + self.mu_surrogate).to(rows.dtype)
+
+
+def _sqrtm(c: torch.Tensor, inverse: bool) -> torch.Tensor:
+    w, v = torch.linalg.eigh(c)
+    w = w.clamp_min(1e-8)
+    return (v * (w ** (-0.5 if inverse else 0.5))) @ v.T
+
+
+@torch.no_grad()
+def fit_alignment(wire: torch.Tensor, surrogate: torch.Tensor, shrink: float = 0.05) -> Alignment:
+    """Black-box attacker: match the statistics of the wire rows it observed during training (wire, (n, N, d)) to
+    those of its surrogate's rows on its own images of the same kind (surrogate, (m, N, d)): per-token means and a
+    whitening-colouring of the pooled covariance (CORAL, Sun et al. 2016), each covariance shrunk towards its
+    diagonal by `shrink`. Uses no label and no evaluation sample."""
+    def stats(x):
+        x = x.double()
+        mu = x.mean(0)
+        flat = (x - mu).reshape(-1, x.shape[-1])
+        c = flat.T @ flat / max(1, flat.shape[0] - 1)
+        c = (1 - shrink) * c + shrink * torch.diag(torch.diag(c)) + 1e-6 * torch.eye(c.shape[0], dtype=c.dtype)
+        return mu, c
+
+    mw, cw = stats(wire)
+    ms, cs = stats(surrogate)
+    m = _sqrtm(cw, inverse=True) @ _sqrtm(cs, inverse=False)
+    return Alignment(mw.float(), ms.float(), m.float())
+
+
+def invert(net: InversionNet, capture: Capture, server: ServerPart,
+           align: Alignment | None = None) -> torch.Tensor:
+    """Reconstruct every image of the capture -> (n_images, 3, S, S) in [0, 1] (rows aligned first if given)."""
     rows = wire_image_rows(capture, server, net.grid * net.grid)
-    return predict(net, rows)
+    return predict(net, align(rows) if align is not None else rows)
 
 
 # --- text recovery -------------------------------------------------------------------------------------------

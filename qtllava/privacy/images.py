@@ -128,11 +128,12 @@ class VictimSet:
     classes: dict[str, int] = field(default_factory=dict)  # record id -> Fashion-MNIST class
 
 
-def scene_set(data_root: Path, template: str, limit: int | None = None, out: Path | None = None) -> VictimSet:
-    """The validation split of the instruction corpus (held out from training) with its scenes' objects; with
-    `limit`, its first records, written to `out` (never into the data root)."""
+def scene_set(data_root: Path, template: str, limit: int | None = None, out: Path | None = None,
+              split: str = "instruct_val") -> VictimSet:
+    """A split of the instruction corpus (default: the validation split, held out from training) with its scenes'
+    objects; with `limit`, its first records, written to `out` (never into the data root)."""
     data_root = Path(data_root)
-    records = json.loads((data_root / "instruct_val.json").read_text())
+    records = json.loads((data_root / f"{split}.json").read_text())
     if limit is not None:
         records = records[:limit]
     scenes = {}
@@ -142,14 +143,15 @@ def scene_set(data_root: Path, template: str, limit: int | None = None, out: Pat
             if row["kind"] == "soc":
                 scenes[row["image"]] = row["content"]
     objects = {r["id"]: scenes[r["image"]] for r in records if r.get("image") in scenes}
-    path = data_root / "instruct_val.json"
+    path = data_root / f"{split}.json"
     if limit is not None:
         if out is None:
             raise ValueError("scene_set: a limit needs an output folder")
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"instruct_val-first{limit}.json"
+        path = out / f"{split}-first{limit}.json"
         path.write_text(json.dumps(records))
-    return VictimSet("scenes", path, data_root / "images", template, [r["id"] for r in records], objects=objects)
+    name = "scenes" if split == "instruct_val" else split
+    return VictimSet(name, path, data_root / "images", template, [r["id"] for r in records], objects=objects)
 
 
 def _write_set(name: str, out: Path, images: list[tuple[str, Image.Image, str, str]], template: str) -> VictimSet:

@@ -65,6 +65,7 @@ class SuiteSettings:
     eval_limit: int | None = None  # samples per victim set (None: all of instruct_val; 200 fashion images)
     fashion_eval: int = 200
     batch_size: int = 8  # the victim's micro-batch
+    traffic_samples: int = 256  # training samples whose messages the black-box attacker aligns its surrogate to
     seed: int = 0
 
 
@@ -73,7 +74,7 @@ def micro_settings() -> SuiteSettings:
     return SuiteSettings(inversion=InversionConfig(width=32, depth=1, heads=2, steps=30, batch_size=16),
                          aux_scenes=48, aux_fashion=16, aux_crops=8, surrogate_captions=16, surrogate_steps=3,
                          surrogate_batch=4, text_steps=20, probe_images=64, probe_steps=20, eval_limit=8,
-                         fashion_eval=8, batch_size=4)
+                         fashion_eval=8, batch_size=4, traffic_samples=8)
 
 
 def config_label(cfg: Config) -> str:
@@ -117,6 +118,7 @@ class PrivacyRun:
         self._inverters: dict[str, A.InversionNet] = {}
         self._probes: dict[str, Probe] = {}
         self._classifiers: dict[str, A.TextClassifier] = {}
+        self._align: dict[str, A.Alignment] = {}
         self.timings: dict[str, float] = {}
 
     @property
@@ -149,6 +151,17 @@ class PrivacyRun:
                                                  batch_size=self.s.batch_size, limit=self.s.eval_limit)
             self.timings[f"session-{image_set}-{cut}"] = time.perf_counter() - t0
         return self._captures[key]
+
+    def observed_traffic(self) -> Capture:
+        """Messages of ordinary training traffic (the first samples of the client's instruction corpus), which the
+        server sees anyway; the black-box attacker aligns its surrogate to them. Not used for scoring."""
+        key = ("traffic", "paper")
+        if key not in self._captures:
+            vs = scene_set(self.data_root, self.cfg.data.template, self.s.traffic_samples, self.work / "victim",
+                           split="instruct_train")
+            self._captures[key] = record_session(self.checkpoint, vs, self.data_root, batch_size=self.s.batch_size,
+                                                 limit=self.s.traffic_samples)
+        return self._captures[key][0]
 
     # --- the attacker -------------------------------------------------------------------------------------------
 
@@ -198,16 +211,40 @@ class PrivacyRun:
                                  image_mean=v.image_mean, image_std=v.image_std, skip_bad=True)
 
     def inverter(self, attacker: str) -> A.InversionNet:
+        """The attacker's inversion network (cached in the work folder); the black-box attacker also fits the
+        alignment of observed wire rows to its surrogate's rows."""
         if attacker not in self._inverters:
-            client = self.client(attacker)
-            _, px, unit = self.aux()
-            t0 = time.perf_counter()
-            rows = A.client_image_rows(client, px, self.s.batch_size)
-            net, hist = A.train_inverter(rows, unit, self.s.inversion, self.s.seed)
-            log.info("%s %s inverter: loss %.4f -> %.4f", self.label, attacker, hist[0], hist[-1])
-            self.timings[f"inverter-{attacker}"] = time.perf_counter() - t0
+            inv = self.s.inversion
+            file = self.work / f"inverter-{attacker}-w{inv.width}d{inv.depth}s{inv.steps}b{inv.batch_size}.pt"
+            net = A.InversionNet(self._d_code(), self.cfg.vision.num_image_tokens, self.image_size, inv)
+            if file.is_file():
+                blob = torch.load(file, weights_only=True)
+                net.load_state_dict(blob["net"])
+                if "align" in blob:
+                    self._align[attacker] = A.Alignment(*blob["align"])
+            else:
+                client = self.client(attacker)
+                aux, px, unit = self.aux()
+                t0 = time.perf_counter()
+                rows = A.client_image_rows(client, px, self.s.batch_size)
+                net, hist = A.train_inverter(rows, unit, inv, self.s.seed)
+                log.info("%s %s inverter: loss %.4f -> %.4f", self.label, attacker, hist[0], hist[-1])
+                blob = {"net": net.state_dict()}
+                if attacker == "black":
+                    scenes = torch.tensor([s == "scenes" for s in aux.source])
+                    wire = A.wire_image_rows(self.observed_traffic(), self.server, rows.shape[1])
+                    al = A.fit_alignment(wire, rows[scenes])
+                    self._align[attacker] = al
+                    blob["align"] = [al.mu_wire, al.mu_surrogate, al.m]
+                torch.save(blob, file)
+                self.timings[f"inverter-{attacker}"] = time.perf_counter() - t0
             self._inverters[attacker] = net
         return self._inverters[attacker]
+
+    def _d_code(self) -> int:
+        """Width of the image rows on the wire, from the announced configuration (fsq's d_code, else D)."""
+        c = self.cfg.compress.image
+        return (c.d_code or self.server.hidden_size) if c.name == "fsq" else self.server.hidden_size
 
     # --- scored attacks -----------------------------------------------------------------------------------------
 
@@ -246,7 +283,7 @@ class PrivacyRun:
     def image_attack(self, attacker: str, image_set: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """-> (row of scores, originals, reconstructions)."""
         capture, truth = self.capture(image_set)
-        recon = A.invert(self.inverter(attacker), capture, self.server)
+        recon = A.invert(self.inverter(attacker), capture, self.server, self._align.get(attacker))
         orig = truth.image_tensor()
         row = {"config": self.label, "attacker": attacker, "image_set": image_set, **image_scores(orig, recon)}
         sem = self._semantic(image_set, recon, truth)
