@@ -110,8 +110,8 @@ def run_split_pipeline(cfg: Config, out: Path, data_root: Path | None = None, re
                 server, port = spawn_server(["--stage", stage, *common, "--init", str(server_init), "--out",
                                              str(folder / "server"), "--token-file", str(token_file), *again],
                                             folder / "port", folder / "server.log")
-                print(f"{stage}: server pid {server.pid} on 127.0.0.1:{port}, client log {folder / 'client.log'}",
-                      flush=True)
+                log.info("%s: server pid %d on 127.0.0.1:%d, client log %s", stage, server.pid, port,
+                         folder / "client.log")
                 t0 = time.perf_counter()
                 client = spawn(["client", *common, "--stage", stage, "--init", str(client_init), "--out",
                                 str(folder / "client"), "--server", f"127.0.0.1:{port}", "--token-file",

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qtllava.wire import split_pb2_grpc
-from qtllava.wire.messages import MESSAGE_TYPES, Traffic, WireError, pb
+from qtllava.wire.messages import MESSAGE_TYPES, Link, Traffic, WireError, pb
 
 __all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError", "read_tokens",
            "SERVICE", "METHODS"]
@@ -212,7 +212,7 @@ def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
     return server, port
 
 
-class GrpcLink:
+class GrpcLink(Link):
     """Client side of the gRPC transport; same methods and traffic ledger as `LoopbackLink`.
 
     The ledger counts serialized message sizes (as the loopback does), not chunk or HTTP/2 framing.
@@ -292,21 +292,6 @@ class GrpcLink:
         parts = [c.data for c in stub.StepStream(chunks, metadata=self._metadata(),
                                                   timeout=self.options.timeout_seconds)]
         return pb.StepReply.FromString(b"".join(parts))
-
-    def handshake(self, request):
-        return self.call("handshake", request)
-
-    def step(self, request):
-        return self.call("step", request)
-
-    def generate(self, request):
-        return self.call("generate", request)
-
-    def checkpoint(self, request):
-        return self.call("checkpoint", request)
-
-    def close(self, request):
-        return self.call("close", request)
 
     def shutdown(self) -> None:
         if self._channel is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from qtllava.wire.messages import MESSAGE_TYPES, Traffic
+from qtllava.wire.messages import MESSAGE_TYPES, Link, Traffic
 
 __all__ = ["SplitHandler", "LoopbackLink"]
 
@@ -19,7 +19,7 @@ class SplitHandler(Protocol):
     def close(self, request: Any) -> Any: ...
 
 
-class LoopbackLink:
+class LoopbackLink(Link):
     """Calls a handler in this process through serialised messages, recording every message's size."""
 
     def __init__(self, handler: SplitHandler, traffic: Traffic | None = None):
@@ -36,18 +36,3 @@ class LoopbackLink:
         out = reply.SerializeToString()
         self.traffic.record("down", kind, len(out))
         return reply_type.FromString(out)
-
-    def handshake(self, request):
-        return self.call("handshake", request)
-
-    def step(self, request):
-        return self.call("step", request)
-
-    def generate(self, request):
-        return self.call("generate", request)
-
-    def checkpoint(self, request):
-        return self.call("checkpoint", request)
-
-    def close(self, request):
-        return self.call("close", request)

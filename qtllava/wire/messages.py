@@ -25,6 +25,7 @@ __all__ = [
     "ids_from_bytes",
     "Traffic",
     "MESSAGE_TYPES",
+    "Link",
 ]
 
 PROTOCOL_VERSION = 1
@@ -102,3 +103,28 @@ class Traffic:
             out.setdefault(k, {})[f"bytes_{d}"] = v
             out[k][f"messages_{d}"] = self.messages[(d, k)]
         return out
+
+
+class Link:
+    """What every transport offers the client runtime: one method per RPC, each `call(kind, request)`; a subclass
+    implements `call` (serialise, send, record sizes in `self.traffic`, return the parsed reply)."""
+
+    traffic: Traffic
+
+    def call(self, kind: str, request):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def handshake(self, request):
+        return self.call("handshake", request)
+
+    def step(self, request):
+        return self.call("step", request)
+
+    def generate(self, request):
+        return self.call("generate", request)
+
+    def checkpoint(self, request):
+        return self.call("checkpoint", request)
+
+    def close(self, request):
+        return self.call("close", request)
