@@ -283,10 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qtllava.data.errors import DataError
+
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"qtllava: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as e:  # bad user input: one clear line, no traceback
+        print(f"qtllava: {e}", file=sys.stderr)
         return 2
 
 

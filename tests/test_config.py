@@ -65,3 +65,12 @@ def test_custom_name_starts_from_defaults():
     cfg = from_dict({"name": "my-run", "train": {"seed": 3}})
     assert cfg.name == "my-run" and cfg.train.seed == 3 and cfg.vision == preset("tiny").vision
     assert from_dict({"preset": "micro", "name": "x"}).vision == preset("micro").vision
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from qtllava.cli import main
+
+    assert main(["config", "--config", "micro", "-o", "vision.nope=1"]) == 2
+    assert "vision.nope" in capsys.readouterr().err
+    assert main(["eval", "--config", "micro", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "none")]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err

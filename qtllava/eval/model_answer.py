@@ -100,6 +100,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path, data_root: Path, out: str
     from qtllava.eval.runner import answer_question_file, format_table, write_results
     from qtllava.train.loop import load_tokenizer_for
 
+    if not (Path(checkpoint) / "client").is_dir():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no client/ inside); pass a stage's final/")
     if questions:
         if not answers:
             raise ValueError("--questions needs --answers (where to write the answers JSONL)")
