@@ -63,7 +63,19 @@ def train_checkpoint(name: str, args, base: Path, data_root: Path) -> Path:
                               "train.threads=1", "train.checkpoint_every=1000"]
     cfg = load_config(args.config, sets)
     run_pipeline(cfg, out, data_root=data_root, resume=True, base=base, evaluate=False, progress=False)
+    (out / "BASE").write_text(str(base))
     return out / "stage2" / "final"
+
+
+def base_of(ckpt: Path, args) -> Path | None:
+    """The stage-0 base a checkpoint started from (the black-box attacker's public model)."""
+    mark = Path(ckpt).parent.parent / "BASE"
+    if mark.exists():
+        return Path(mark.read_text().strip())
+    for cand in (Path(args.base), Path(args.checkpoints) / "base" / "stage0" / "final"):
+        if (cand / "DONE").exists():
+            return cand
+    return None
 
 
 def known_base(args) -> Path | None:
@@ -125,6 +137,20 @@ def attack_config(name: str, ckpt: Path, base: Path, data_root: Path, args) -> d
     return {"rows": rows, "labels": labels, "grid": grid, "timings": run.timings, "checkpoint": str(ckpt)}
 
 
+def mean_image_rows(ckpt: str, base, data_root: Path, args) -> list[dict]:
+    """The reference every inversion must beat: the attacker's mean auxiliary image as the guess for every image."""
+    from qtllava.privacy.suite import FashionMissing, PrivacyRun
+
+    run = PrivacyRun(ckpt, data_root, Path(args.out) / "work" / ORDER[0], settings(args), base=base)
+    rows = []
+    for image_set in ("scenes", "fashion", "skimage"):
+        try:
+            rows.append(run.mean_image_baseline(image_set))
+        except FashionMissing:
+            continue
+    return rows
+
+
 # --- report ------------------------------------------------------------------------------------------------------
 
 
@@ -143,11 +169,12 @@ def study_accuracy(path: Path) -> dict[str, dict]:
     return {r["config"]: r for r in rows if r.get("seed", 0) == 0}
 
 
-def write_report(results: dict, out_json: Path, how: str) -> None:
+def write_report(results: dict, baseline: list[dict], out_json: Path, how: str) -> None:
     rows = [r for name in ORDER if name in results for r in results[name]["rows"]]
     labels = [results[name]["labels"] for name in ORDER if name in results]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"how": how, "rows": [_json_safe(r) for r in rows],
+                                    "baseline": [_json_safe(r) for r in baseline],
                                     "labels": [_json_safe(x) for x in labels],
                                     "checkpoints": {n: results[n]["checkpoint"] for n in results}}, indent=1) + "\n")
     acc = study_accuracy(out_json.parent / "study.json")
@@ -165,7 +192,7 @@ def write_report(results: dict, out_json: Path, how: str) -> None:
                   (f"; probe on the originals: {_f(100 * clean, '{:.1f}')} %" if clean is not None else "") + ")", "",
                   "| config | attacker | MSE | PSNR | SSIM | semantic % | text token acc % | suite acc (study) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in sub:
+        for r in [b for b in baseline if b["image_set"] == image_set] + sub:
             a = acc.get(r["config"], {}).get("suites", {})
             mean_acc = _acc(a)
             sem = r["semantic"]
@@ -180,7 +207,8 @@ def write_report(results: dict, out_json: Path, how: str) -> None:
         p, u = lab["paper"], lab["u"]
         lines.append(f"| {lab['config']} | {_f(p['label_bytes_per_step'], '{:.0f}')} | "
                      f"{_f(100 * p.get('labels_read_acc', float('nan')), '{:.1f}')} | {u['label_bytes']} | "
-                     f"{_f(u.get('norm_auc'), '{:.3f}')} | {_f(100 * u.get('direction_acc', float('nan')), '{:.1f}')} |")
+                     f"{_f(u.get('norm_auc'), '{:.3f}')} | "
+                     f"{_f(100 * u.get('direction_acc', float('nan')), '{:.1f}')} |")
     lines.append("")
     out_json.with_suffix(".md").write_text("\n".join(lines))
 
@@ -281,11 +309,14 @@ def main() -> int:
                 base = base or stage0_base(args, data_root)
                 ckpt = train_checkpoint(name, args, base, data_root)
                 source = f"trained here (stage1 {args.stage1_steps}, stage2 {args.stage2_steps} steps from {base})"
-            res = attack_config(name, ckpt, base or known_base(args), data_root, args)
+            res = attack_config(name, ckpt, base_of(ckpt, args), data_root, args)
             res["source"] = source
             res["wall_s"] = time.perf_counter() - t1
             torch.save(res, done_dir / f"{name}.pt")
             log.info("%s done in %.0f s", name, res["wall_s"])
+        if not (done_dir / "baseline.pt").exists() and (done_dir / f"{ORDER[0]}.pt").exists():
+            ckpt = torch.load(done_dir / f"{ORDER[0]}.pt", weights_only=False)["checkpoint"]
+            torch.save(mean_image_rows(ckpt, base_of(Path(ckpt), args), data_root, args), done_dir / "baseline.pt")
     results = {n: torch.load(done_dir / f"{n}.pt", weights_only=False) for n in ORDER
                if (done_dir / f"{n}.pt").exists()}
     s = settings(args)
@@ -297,7 +328,8 @@ def main() -> int:
            f"invocation {time.perf_counter() - t0:.0f} s, per configuration " +
            ", ".join(f"{n} {r['wall_s']:.0f} s" for n, r in results.items()) +
            f"; machine {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s).")
-    write_report(results, Path(args.results), how)
+    baseline = torch.load(done_dir / "baseline.pt", weights_only=False) if (done_dir / "baseline.pt").exists() else []
+    write_report(results, baseline, Path(args.results), how)
     write_grid({n: r["grid"] for n, r in results.items()}, Path(args.results).with_suffix(".png"))
     print(Path(args.results).with_suffix(".md").read_text())
     return 0

@@ -292,6 +292,17 @@ class PrivacyRun:
         row["semantic_clean"] = clean["semantic"]
         return row, orig, recon
 
+    def mean_image_baseline(self, image_set: str) -> dict:
+        """Scores of a guess that ignores the wire: the attacker's mean auxiliary image for every image (what an
+        inversion must beat to have learned anything from the messages)."""
+        _, truth = self.capture(image_set)
+        _, _, unit = self.aux()
+        orig = truth.image_tensor()
+        guess = unit.mean(0, keepdim=True).expand_as(orig)
+        row = {"config": "-", "attacker": "none (mean image)", "image_set": image_set, **image_scores(orig, guess)}
+        row.update(self._semantic(image_set, guess, truth))
+        return row
+
     def text_attack(self, attacker: str, image_set: str = "scenes") -> dict:
         """Token accuracy on the text-token rows of the image set's session."""
         capture, truth = self.capture(image_set)
