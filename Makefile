@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= tiny
 
-.PHONY: demo test venv bench bench-baseline bench-codec bench-privacy clean proto
+.PHONY: demo test venv bench bench-baseline bench-study bench-codec bench-split bench-privacy clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,11 +22,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: bench-baseline
+# Every benchmark, in dependency order (the study starts from the baseline's stage-0 base; the privacy suite uses
+# the study's checkpoints). Hours on 2 cores: run in the background, each step is resumable.
+bench: bench-baseline bench-study bench-codec bench-split bench-privacy
 
 bench-baseline: $(STAMP)
 	mkdir -p runs results
 	$(BIN)/python benchmarks/baseline.py 2>&1 | tee runs/bench-baseline.log
+
+# Rate-accuracy study (issue 6): ~20 runs from one stage-0 base; resumable.
+bench-study: $(STAMP)
+	mkdir -p runs results
+	$(BIN)/python benchmarks/study.py 2>&1 | tee -a runs/study.log
 
 bench-codec: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
