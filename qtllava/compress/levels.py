@@ -24,7 +24,8 @@ from qtllava.compress.base import Packet
 from qtllava.compress.coding import ans_encode, empirical_entropy, index_bits, pack_indices
 from qtllava.compress.fsq import quantize_indices, robust_normalize
 
-__all__ = ["indices_for_levels", "measure_indices", "analyze_levels", "write_levels_report", "DEFAULT_LEVELS"]
+__all__ = ["indices_for_levels", "measure_indices", "analyze_levels", "recommend_levels", "write_levels_report",
+           "DEFAULT_LEVELS"]
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,14 @@ def analyze_levels(indices: Mapping[str, Mapping[int, np.ndarray]] | None = None
         if accuracy and lv in accuracy:
             avg["accuracy"] = float(accuracy[lv])
         overall.append({"levels": lv, "numel": n, **avg})
-    recommended, reasoning = _recommend(overall, budget_bits)
+    recommended, reasoning = recommend_levels(overall, budget_bits)
     return {"budget_bits": budget_bits, "levels": all_levels, "modalities": per_mod, "overall": overall,
             "recommended": recommended, "reasoning": reasoning}
 
 
-def _recommend(overall: list[dict], budget: float) -> tuple[int | None, str]:
+def recommend_levels(overall: list[dict], budget: float) -> tuple[int | None, str]:
+    """The recommended L and its reasoning from per-L rows (`levels`, `ans_bits`, `pack_bits`, `entropy_bits`,
+    optional `accuracy`, `distortion`) under a budget in bits per element."""
     if not overall:
         return None, "no levels measured"
     fits = [r for r in overall if r["ans_bits"] <= budget]

@@ -37,7 +37,7 @@ import zstandard
 
 from qtllava.compress.base import nbytes
 from qtllava.compress.fsq import FsqEncoder
-from qtllava.compress.levels import _recommend as recommend  # the library's rule, applied to the packets sent
+from qtllava.compress.levels import recommend_levels as recommend  # the library's rule, on the packets sent
 from qtllava.compress.levels import analyze_levels, indices_for_levels, write_levels_report
 from qtllava.config import Config, CodecConfig
 from qtllava.data import LlavaDataset, collate, image_token_id, load_tokenizer
@@ -318,8 +318,10 @@ def _reasoning(res: dict, cr: CheckpointRows) -> str:
                         "code of independent symbols cannot exploit; H bounds only such codes, and a code over "
                         "rows (or a context model) would send less on these features.")
         if o["ans_sent_bits"] < o["entropy_bits"]:
-            text.append("ans sends less than the pooled entropy H because it codes groups of channels with their "
-                        "own models (its bound is the entropy given the channel, plus the models' bytes).")
+            text.append("ans sends less than the pooled entropy H, which bounds only codes of independent symbols: "
+                        "it codes groups of channels with their own models and, where code rows repeat, each "
+                        "distinct row once plus a row stream, with context models on a similar earlier row "
+                        "(qtllava/compress/coding.py, mode 4).")
         per = ", ".join(f"{m} H = {r['entropy_bits']:.3f} (given the channel {r['entropy_channel_bits']:.3f}), "
                         f"ans {r['ans_bits']:.3f}"
                         for m, rs in res["modalities"].items() for r in rs if r["levels"] == rec)
