@@ -115,7 +115,8 @@ def attack_config(name: str, ckpt: Path, base: Path, data_root: Path, args) -> d
     """Every attack on one checkpoint -> {"rows", "labels", "grid", "timings"}."""
     from qtllava.privacy.suite import FashionMissing, PrivacyRun
 
-    run = PrivacyRun(ckpt, data_root, Path(args.out) / "work" / name, settings(args), base=base)
+    run = PrivacyRun(ckpt, data_root, Path(args.out) / "work" / name, settings(args), base=base,
+                     probe_dir=Path(args.out) / "work" / "probes")
     rows, grid = [], {}
     for attacker in ("white", "black"):
         for image_set in ("scenes", "fashion", "skimage"):
@@ -141,7 +142,8 @@ def mean_image_rows(ckpt: str, base, data_root: Path, args) -> list[dict]:
     """The reference every inversion must beat: the attacker's mean auxiliary image as the guess for every image."""
     from qtllava.privacy.suite import FashionMissing, PrivacyRun
 
-    run = PrivacyRun(ckpt, data_root, Path(args.out) / "work" / ORDER[0], settings(args), base=base)
+    run = PrivacyRun(ckpt, data_root, Path(args.out) / "work" / ORDER[0], settings(args), base=base,
+                     probe_dir=Path(args.out) / "work" / "probes")
     rows = []
     for image_set in ("scenes", "fashion", "skimage"):
         try:

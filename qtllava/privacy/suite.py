@@ -99,11 +99,14 @@ class PrivacyRun:
     """Attacks on one checkpoint (a stage's final folder with client/ and server/)."""
 
     def __init__(self, checkpoint: str | Path, data_root: str | Path, work: str | Path,
-                 settings: SuiteSettings | None = None, base: str | Path | None = None):
+                 settings: SuiteSettings | None = None, base: str | Path | None = None,
+                 probe_dir: str | Path | None = None):
         self.checkpoint = Path(checkpoint)
         self.data_root = Path(data_root)
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.probe_dir = Path(probe_dir) if probe_dir else self.work  # probes depend only on the image size
+        self.probe_dir.mkdir(parents=True, exist_ok=True)
         self.s = settings or SuiteSettings()
         self.base = Path(base) if base else find_base(self.checkpoint)
         self.cfg = checkpoint_config(self.checkpoint)
@@ -254,7 +257,7 @@ class PrivacyRun:
             return None
         if image_set not in self._probes:
             s = self.s
-            file = self.work / f"probe-{image_set}-{self.image_size}px-{s.probe_images}x{s.probe_steps}.pt"
+            file = self.probe_dir / f"probe-{image_set}-{self.image_size}px-{s.probe_images}x{s.probe_steps}.pt"
             if file.is_file():
                 probe = Probe(self.image_size, 10 if image_set == "fashion" else N_COLORS * (2 + N_CELLS))
                 probe.load_state_dict(torch.load(file, weights_only=True))
