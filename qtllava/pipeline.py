@@ -28,6 +28,15 @@ def format_traffic(stage_runs: dict) -> str:
     return "\n".join(lines)
 
 
+def _stage_record(stage_dir: Path) -> dict:
+    """Summary of a stage finished outside this pipeline, from its metrics log (traffic: the step messages)."""
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {"steps_run": len(rows), "wall_s": sum(r["seconds"] for r in rows),
+            "last_loss": rows[-1]["loss"] if rows else float("nan"),
+            "traffic": {"step": {"bytes_up": sum(r["bytes_up"] for r in rows),
+                                 "bytes_down": sum(r["bytes_down"] for r in rows)}}}
+
+
 def run_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: bool = False,
                  base: str | Path | None = None, evaluate: bool = True, progress: bool = True) -> dict:
     """Generate data (cached), train stages 0-2 (stage 0 skipped when `base` is given), evaluate the result.
@@ -46,8 +55,9 @@ def run_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: 
         if stage == "stage0" and base:
             continue
         stage_dir = out / stage
-        if resume and stage in runs and (stage_dir / "final" / "DONE").exists():
+        if resume and (stage_dir / "final" / "DONE").exists():  # finished, maybe by `qtllava train` on its own
             init = stage_dir / "final"
+            runs.setdefault(stage, _stage_record(stage_dir))
             continue
         t0 = time.perf_counter()
         r = run_stage(cfg, stage, root, stage_dir, init=init, resume=resume, progress=progress)
