@@ -67,10 +67,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 SEEDS = {"fp16": (0, 1), "fsq-L4-ans": (0, 1)}
 # Most informative first, so a partial study already answers the main question.
-ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int8", 0), ("fsq-L4-ans-int4ans", 0), ("fp16", 1),
-         ("fsq-L4-ans", 1), ("fsq-L2-ans", 0), ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf2", 0), ("topk2", 0), ("fsq-L8-ans", 0),
-         ("fsq-L16-ans", 0), ("nf4", 0), ("fp32", 0), ("fsq-L4-pack", 0), ("fsq-L2-pack", 0), ("fsq-L8-pack", 0),
-         ("fsq-L16-pack", 0)]
+ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans", 0), ("fp16", 1),
+         ("fsq-L4-ans", 1), ("nf2", 0), ("topk2", 0), ("fsq-L16-ans", 0), ("fsq-L4-ans-int8", 0),
+         ("fsq-L8-ans", 0), ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0),
+         ("fp32", 0), ("fsq-L2-pack", 0), ("fsq-L8-pack", 0), ("fsq-L16-pack", 0)]
 
 
 def run(cmd: list[str], logfile: Path, env: dict | None = None) -> int:
