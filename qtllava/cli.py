@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a configuration key, e.g. -o train.stage0.steps=50 (repeatable)")
         sp.add_argument("--data", help="data root (default: the config's data.root)")
 
+    def stage_args(sp, init_help: str):
+        sp.add_argument("--stage", required=True, choices=["stage0", "stage1", "stage2"])
+        sp.add_argument("--init", help=init_help)
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+        sp.add_argument("--max-steps", type=int,
+                        help="stop after this step (the schedule still plans the full stage)")
+
     sp = sub.add_parser("config", help="print the resolved configuration as TOML")
     common(sp)
     sp.set_defaults(func=cmd_config)
@@ -199,11 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train one stage")
     common(sp)
-    sp.add_argument("--stage", required=True, choices=["stage0", "stage1", "stage2"])
-    sp.add_argument("--init", help="previous stage's final folder")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    sp.add_argument("--max-steps", type=int, help="stop after this step (the schedule still plans the full stage)")
+    stage_args(sp, "previous stage's final folder")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("pipeline", help="data, stages 0-2 and evaluation")
@@ -262,11 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("client", help="hold the data and drive training of one stage across a split (gRPC)")
     common(sp)
-    sp.add_argument("--stage", required=True, choices=["stage0", "stage1", "stage2"])
-    sp.add_argument("--init", help="previous stage's final folder (its client/ half is read)")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    sp.add_argument("--max-steps", type=int, help="stop after this step (the schedule still plans the full stage)")
+    stage_args(sp, "previous stage's final folder (its client/ half is read)")
     sp.add_argument("--cut", default="paper", choices=["paper", "u"],
                     help="u: the client also holds the LM head and the loss (labels never leave it)")
     sp.add_argument("--shard", help="I/N: train on every N-th sample starting at I (several clients)")
