@@ -138,6 +138,15 @@ def attack_config(name: str, ckpt: Path, base: Path, data_root: Path, args) -> d
     return {"rows": rows, "labels": labels, "grid": grid, "timings": run.timings, "checkpoint": str(ckpt)}
 
 
+def own_accuracy(ckpt: str, data_root: Path, limit: int) -> dict:
+    """Headline metric per suite (percent; shape-mme as its summed score) of a checkpoint, `limit` questions each."""
+    from qtllava.eval.model_answer import evaluate_checkpoint_results
+    from qtllava.privacy.session import checkpoint_config
+
+    res = evaluate_checkpoint_results(checkpoint_config(ckpt), Path(ckpt), data_root, limit=limit)
+    return {"suites": {s: r["ours"] for s, r in res.items()}, "limit": limit}
+
+
 def mean_image_rows(ckpt: str, base, data_root: Path, args) -> list[dict]:
     """The reference every inversion must beat: the attacker's mean auxiliary image as the guess for every image."""
     from qtllava.privacy.suite import FashionMissing, PrivacyRun
@@ -164,14 +173,20 @@ def _f(v, fmt="{:.2f}"):
     return fmt.format(v)
 
 
-def study_accuracy(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    rows = json.loads(path.read_text()).get("rows", [])
-    return {r["config"]: r for r in rows if r.get("seed", 0) == 0}
+def accuracy(results: dict, done_dir: Path, study: Path) -> dict[str, dict]:
+    """config -> {"suites": ...}: measured here for checkpoints trained here, else the study's row (seed 0)."""
+    rows = json.loads(study.read_text()).get("rows", []) if study.exists() else []
+    out = {r["config"]: r for r in rows if r.get("seed", 0) == 0}
+    for name, res in results.items():
+        f = done_dir / f"{name}-accuracy.json"
+        if res["source"] != "study":
+            out.pop(name, None)
+            if f.exists():
+                out[name] = json.loads(f.read_text())
+    return out
 
 
-def write_report(results: dict, baseline: list[dict], out_json: Path, how: str) -> None:
+def write_report(results: dict, baseline: list[dict], acc: dict, out_json: Path, how: str) -> None:
     rows = [r for name in ORDER if name in results for r in results[name]["rows"]]
     labels = [results[name]["labels"] for name in ORDER if name in results]
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +194,12 @@ def write_report(results: dict, baseline: list[dict], out_json: Path, how: str) 
                                     "baseline": [_json_safe(r) for r in baseline],
                                     "labels": [_json_safe(x) for x in labels],
                                     "checkpoints": {n: results[n]["checkpoint"] for n in results}}, indent=1) + "\n")
-    acc = study_accuracy(out_json.parent / "study.json")
     lines = ["# What the wire reveals, per compressor", "", how, "",
              "Image inversion (PSNR in dB, SSIM, semantic = probe score on the reconstructions: scenes = shape and "
              "cell of every object right, chance 3.1 %; fashion = class, chance 10 %) and text-token recovery "
-             "(accuracy over every text row of the session).", ""]
+             "(accuracy over every text row of the session). Suite accuracy: mean of the soc-vqa, soc-mc, glyph-vqa "
+             "and shape-pope headline metrics of the attacked checkpoint (measured here on the first questions of "
+             "each suite for checkpoints trained here, else the study's).", ""]
     for image_set in ("scenes", "fashion", "skimage"):
         sub = [r for r in rows if r["image_set"] == image_set]
         if not sub:
@@ -192,7 +208,7 @@ def write_report(results: dict, baseline: list[dict], out_json: Path, how: str) 
         clean = next((r["semantic_clean"] for r in sub if r.get("semantic_clean") is not None), None)
         lines += [f"## {image_set} ({sub[0]['n']} held-out images" +
                   (f"; probe on the originals: {_f(100 * clean, '{:.1f}')} %" if clean is not None else "") + ")", "",
-                  "| config | attacker | MSE | PSNR | SSIM | semantic % | text token acc % | suite acc (study) |",
+                  "| config | attacker | MSE | PSNR | SSIM | semantic % | text token acc % | suite accuracy % |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in [b for b in baseline if b["image_set"] == image_set] + sub:
             a = acc.get(r["config"], {}).get("suites", {})
@@ -200,7 +216,8 @@ def write_report(results: dict, baseline: list[dict], out_json: Path, how: str) 
             sem = r["semantic"]
             lines.append(f"| {r['config']} | {r['attacker']} | {_f(r['mse'], '{:.4f}')} | {_f(r['psnr'])} | "
                          f"{_f(r['ssim'], '{:.3f}')} | {_f(None if sem is None else 100 * sem, '{:.1f}')} | "
-                         f"{_f(100 * r['text_token_acc'], '{:.1f}')} | {mean_acc} |")
+                         f"{_f(100 * r['text_token_acc'], '{:.1f}') if 'text_token_acc' in r else '-'} | "
+                         f"{mean_acc} |")
         lines.append("")
     lines += ["## Labels", "", "| config | paper cut: label bytes / step | labels read from the wire % | "
               "U cut: label bytes | U cut: norm AUC (label positions) | U cut: direction attack token acc % |",
@@ -220,7 +237,7 @@ def _acc(suites: dict) -> str:
         return "-"
     keys = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope")
     vals = [suites[k] for k in keys if suites.get(k) is not None]
-    return f"{sum(vals) / len(vals):.1f} (mean of 4)" if vals else "-"
+    return f"{sum(vals) / len(vals):.1f}" if vals else "-"
 
 
 def _json_safe(d):
@@ -283,6 +300,8 @@ def main() -> int:
     p.add_argument("--aux-fashion", type=int, default=2000)
     p.add_argument("--aux-crops", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-limit", type=int, default=100, help="questions per suite for the accuracy column of "
+                   "checkpoints trained here (0: skip)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -316,6 +335,11 @@ def main() -> int:
             res["wall_s"] = time.perf_counter() - t1
             torch.save(res, done_dir / f"{name}.pt")
             log.info("%s done in %.0f s", name, res["wall_s"])
+        for name in args.configs:  # the accuracy each compressor keeps, for checkpoints trained here
+            res_file, acc_file = done_dir / f"{name}.pt", done_dir / f"{name}-accuracy.json"
+            if res_file.exists() and not acc_file.exists() and args.eval_limit > 0:
+                acc_file.write_text(json.dumps(own_accuracy(torch.load(res_file, weights_only=False)["checkpoint"],
+                                                            data_root, args.eval_limit)))
         if not (done_dir / "baseline.pt").exists() and (done_dir / f"{ORDER[0]}.pt").exists():
             ckpt = torch.load(done_dir / f"{ORDER[0]}.pt", weights_only=False)["checkpoint"]
             torch.save(mean_image_rows(ckpt, base_of(Path(ckpt), args), data_root, args), done_dir / "baseline.pt")
@@ -331,7 +355,8 @@ def main() -> int:
            ", ".join(f"{n} {r['wall_s']:.0f} s" for n, r in results.items()) +
            f"; machine {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s).")
     baseline = torch.load(done_dir / "baseline.pt", weights_only=False) if (done_dir / "baseline.pt").exists() else []
-    write_report(results, baseline, Path(args.results), how)
+    acc = accuracy(results, done_dir, Path(args.results).parent / "study.json")
+    write_report(results, baseline, acc, Path(args.results), how)
     write_grid({n: r["grid"] for n, r in results.items()}, Path(args.results).with_suffix(".png"))
     print(Path(args.results).with_suffix(".md").read_text())
     return 0
