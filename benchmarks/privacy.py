@@ -62,8 +62,12 @@ def train_checkpoint(name: str, args, base: Path, data_root: Path) -> Path:
     sets = overrides(name) + [f"train.stage1.steps={args.stage1_steps}", f"train.stage2.steps={args.stage2_steps}",
                               "train.threads=1", "train.checkpoint_every=1000"]
     cfg = load_config(args.config, sets)
+    mark = out / "BASE"
+    if mark.exists() and Path(mark.read_text().strip()) != Path(base):
+        raise SystemExit(f"{out} was trained from {mark.read_text().strip()}, not {base}: remove it to retrain")
+    out.mkdir(parents=True, exist_ok=True)
+    mark.write_text(str(base))
     run_pipeline(cfg, out, data_root=data_root, resume=True, base=base, evaluate=False, progress=False)
-    (out / "BASE").write_text(str(base))
     return out / "stage2" / "final"
 
 
@@ -329,7 +333,8 @@ def main() -> int:
             if ckpt is None:
                 base = base or stage0_base(args, data_root)
                 ckpt = train_checkpoint(name, args, base, data_root)
-                source = f"trained here (stage1 {args.stage1_steps}, stage2 {args.stage2_steps} steps from {base})"
+                source = (f"trained here (stage1 {args.stage1_steps}, stage2 {args.stage2_steps} steps from "
+                          f"{base_of(ckpt, args)})")
             res = attack_config(name, ckpt, base_of(ckpt, args), data_root, args)
             res["source"] = source
             res["wall_s"] = time.perf_counter() - t1
