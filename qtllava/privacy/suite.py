@@ -60,7 +60,7 @@ class SuiteSettings:
     surrogate_lr: float = 1e-3
     text_steps: int = 600
     probe_images: int = 3000
-    probe_steps: int = 800
+    probe_steps: int = 2500
     probe_seed: int = 9_000_011
     eval_limit: int | None = None  # samples per victim set (None: all of instruct_val; 200 fashion images)
     fashion_eval: int = 200
