@@ -218,7 +218,8 @@ class PrivacyRun:
         alignment of observed wire rows to its surrogate's rows."""
         if attacker not in self._inverters:
             inv = self.s.inversion
-            file = self.work / f"inverter-{attacker}-w{inv.width}d{inv.depth}s{inv.steps}b{inv.batch_size}.pt"
+            file = self.work / (f"inverter-{attacker}-w{inv.width}d{inv.depth}s{inv.steps}b{inv.batch_size}-"
+                                f"{self._checkpoint_key()}.pt")
             net = A.InversionNet(self._d_code(), self.cfg.vision.num_image_tokens, self.image_size, inv)
             if file.is_file():
                 blob = torch.load(file, weights_only=True)
@@ -243,6 +244,14 @@ class PrivacyRun:
                 self.timings[f"inverter-{attacker}"] = time.perf_counter() - t0
             self._inverters[attacker] = net
         return self._inverters[attacker]
+
+    def _checkpoint_key(self) -> str:
+        """Short hash naming the checkpoint's weights, so a cached network never outlives a retrained checkpoint."""
+        import hashlib
+
+        st = (self.checkpoint / "client" / "model.safetensors").stat()
+        key = f"{self.checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return hashlib.sha256(key.encode()).hexdigest()[:10]
 
     def _d_code(self) -> int:
         """Width of the image rows on the wire, from the announced configuration (fsq's d_code, else D)."""
