@@ -46,7 +46,12 @@ REASONS = ("missing_image", "corrupt_image", "schema", "placeholder_mismatch", "
 def load_image(path: str | Path, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB image -> bicubic resize to image_size x image_size -> (x/255 - mean)/std as a float32 (3, H, W) tensor."""
     with Image.open(path) as im:
-        img = im.convert("RGB")
+        return image_to_tensor(im, image_size, mean, std)
+
+
+def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The client's preprocessing of a PIL image (see `load_image`)."""
+    img = img.convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32) / 255.0

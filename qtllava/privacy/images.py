@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qtllava.data.llava_json import image_to_tensor
 from qtllava.data import questions as Q
 from qtllava.data.world import (GRID, SOC_COLORS, SOC_SHAPES, Layout, Scene, render, sample_glyph, sample_shape,
                                 sample_soc)
@@ -45,13 +46,8 @@ _CAPTION_MIX = (0.4, 0.2, 0.4)  # soc, glyph, shape: the generator's caption cor
 
 
 def to_pixels(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """PIL image -> (3, size, size) float32 normalised as the client's loader does (`data.load_image`)."""
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    """PIL image -> (3, size, size) float32 normalised exactly as the client's loader does."""
+    return image_to_tensor(img, size, mean, std)
 
 
 def to_unit(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
