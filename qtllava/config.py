@@ -85,6 +85,10 @@ class LLMConfig:
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    # std of a random LLM's token-embedding table; 0 keeps transformers' initializer_range (0.02). Ignored with
+    # `pretrained`. From scratch, 0.02 makes text rows ~100x smaller than the connector's image rows (which start
+    # at ~1 per element), and the question is drowned in the residual stream (see issue 3's closing note).
+    embed_init_std: float = 0.0
 
 
 @dataclass
@@ -156,6 +160,9 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 leaves torch's default
     checkpoint_every: int = 100
     log_every: int = 10
+    # how label tokens are averaged in the loss: "token" (as HF) or "turn" (each assistant turn weighs the same;
+    # see qtllava.model.loss). The server applies its own setting in the paper cut, the client in the U cut.
+    loss_average: typing.Literal["token", "turn"] = "token"
     # lr 5e-4 for the from-scratch base: at 2e-3 the tiny model stalls (instruction-validation loss 0.59 after 3000
     # steps at 2e-3, reached after 400 steps at 5e-4; measured 2026-11-25, see the closing note of issue 6)
     stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=5e-4, warmup_ratio=0.05))
@@ -272,6 +279,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

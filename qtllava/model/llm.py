@@ -62,7 +62,10 @@ def build_llm(cfg: LLMConfig, vocab_size: int, dtype: torch.dtype | None = None)
     """
     kind = _kind(cfg.kind)
     if not cfg.pretrained:
-        return kind.model_class(llm_hf_config(cfg, vocab_size))
+        model = kind.model_class(llm_hf_config(cfg, vocab_size))
+        if cfg.embed_init_std > 0:
+            torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.embed_init_std)
+        return model
     path = Path(cfg.pretrained)
     if not path.is_dir():
         raise FileNotFoundError(f"LLM folder {str(path)!r} (llm.pretrained) does not exist")

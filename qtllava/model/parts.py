@@ -23,6 +23,7 @@ from qtllava.compress import ClientCodec, Encoded, Packet, ServerCodec, build_co
 from qtllava.config import Config, from_dict, to_dict
 from qtllava.model.connector import build_connector
 from qtllava.model.layout import Layout
+from qtllava.model.loss import IGNORE_INDEX, label_weights, lm_loss
 from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
 from qtllava.model.vision import VisionTower, build_vision_tower
 
@@ -31,7 +32,6 @@ __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-IGNORE_INDEX = -100
 _FORMAT = "qtllava-part"
 _FORMAT_VERSION = 1
 
@@ -217,8 +217,10 @@ class ServerPart(nn.Module):
         return out.masked_scatter(layout.text_mask.unsqueeze(-1), text)
 
     def forward(self, image_values: torch.Tensor, text_values: torch.Tensor, layout: Layout,
-                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> ServerOutput:
-        """Causal-LM loss over `labels` (B, T) (shifted as in HF; IGNORE_INDEX positions are skipped).
+                labels: torch.Tensor | None = None, return_logits: bool | None = None,
+                loss_average: str = "token") -> ServerOutput:
+        """Causal-LM loss over `labels` (B, T) (shifted as in HF; IGNORE_INDEX positions are skipped), averaged
+        per token or per assistant turn (`loss_average`, see `qtllava.model.loss`).
 
         Logits are returned without labels, or with `return_logits=True`; with labels only, the LM head runs on
         the label positions alone.
@@ -238,7 +240,8 @@ class ServerPart(nn.Module):
         keep = target != IGNORE_INDEX
         n_tokens = int(keep.sum())
         pred = logits[:, :-1][keep] if logits is not None else head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(pred.float(), target[keep], reduction="sum") / max(n_tokens, 1)
+        weights = None if loss_average == "token" else label_weights(target, loss_average)[keep]
+        loss = lm_loss(pred, target[keep], weights)
         return ServerOutput(loss, logits, n_tokens)
 
     # --- generation ---------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class ClientRuntime:
                 reply = send(req)  # -> the server's final hidden states at the predicting positions
                 hidden = decode_grad(Packet.from_bytes(reply.hidden)).requires_grad_(True)
                 payload_down["hidden"] += len(reply.hidden)
-                loss, _ = head_loss(self.head, hidden, batch["labels"], out.layout)
+                loss, _ = head_loss(self.head, hidden, batch["labels"], out.layout, self.cfg.train.loss_average)
                 (loss / count).backward()
                 g = encode_grad(hidden.grad, self._downlink()).to_bytes()
                 reply = send(pb.StepRequest(session_id=self.session_id, step_id=self.step_id, micro_index=k,

@@ -317,7 +317,7 @@ class ServerRuntime:
         layout, image, text = self._inputs(req)
         try:
             labels = labels_from_wire(req.label_mask, req.label_ids, req.label_width, (req.batch, req.seq_len))
-            out = self.part(image, text, layout, labels=labels)
+            out = self.part(image, text, layout, labels=labels, loss_average=self.cfg.train.loss_average)
         except (ValueError, WireError, RuntimeError) as e:
             raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
         loss = out.loss

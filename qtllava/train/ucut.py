@@ -18,13 +18,13 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from qtllava.model.layout import PAD, TEXT, Layout
+from qtllava.model.loss import IGNORE_INDEX, label_weights, lm_loss
 
 __all__ = ["CUTS", "check_cut", "predicting_mask", "ClientHead", "identity_head", "head_loss", "HEAD_FOLDER",
            "load_head_weight"]
 
 CUTS = ("paper", "u")
 HEAD_FOLDER = "client_head"
-IGNORE_INDEX = -100
 _SERVER_HEAD_KEY = "llm.lm_head.weight"
 
 
@@ -107,7 +107,7 @@ def identity_head(llm):
 
 
 def head_loss(head: ClientHead, hidden_rows: torch.Tensor, labels: torch.Tensor,
-              layout: Layout) -> tuple[torch.Tensor, int]:
+              layout: Layout, loss_average: str = "token") -> tuple[torch.Tensor, int]:
     """Mean cross-entropy (nats) over label tokens, as `ServerPart.forward` computes it; -> (loss, n_tokens).
 
     hidden_rows: (N, D), the final hidden states at `predicting_mask(layout)` in row-major order.
@@ -122,5 +122,6 @@ def head_loss(head: ClientHead, hidden_rows: torch.Tensor, labels: torch.Tensor,
     keep = target != IGNORE_INDEX
     n_tokens = int(keep.sum())
     logits = head(hidden_rows[keep].to(head.lm_head.weight.dtype))
-    loss = F.cross_entropy(logits.float(), target[keep], reduction="sum") / max(n_tokens, 1)
+    weights = None if loss_average == "token" else label_weights(shifted, loss_average)[mask][keep]
+    loss = lm_loss(logits, target[keep], weights)
     return loss, n_tokens

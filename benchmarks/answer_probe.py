@@ -1,0 +1,122 @@
+"""Teacher-forced answer accuracy of a checkpoint, per question kind: does the model know the first answer token?
+
+A cheap diagnosis that needs no generation: for every assistant turn of an LLaVA-JSON file (default: the
+instruction corpus's validation split), the argmax of the next-token logits at the first answer position is
+compared with the reference's first token, and grouped by the kind of question (yes/no, letter, number, colour,
+shape, ...). Beside each kind: the majority-answer rate of that kind in the same file (what a model that ignores the
+image could reach at most per kind) and the same accuracy with the images shuffled within the batch (does the answer
+depend on the image?).
+
+    python benchmarks/answer_probe.py runs/baseline/stage0/final --config tiny [--file instruct_val.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from qtllava.config import load_config
+from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
+from qtllava.model.parts import ClientPart, ServerPart
+from qtllava.train.loop import load_tokenizer_for
+
+log = logging.getLogger("answer_probe")
+
+_KINDS = (  # first match wins
+    ("letter", re.compile(r"option's letter")),
+    ("caption", re.compile(r"describe|description|summarize|what is in the image", re.I)),
+    ("word", re.compile(r"what word", re.I)),
+    ("exist", re.compile(r"^is there an? ", re.I)),
+    ("count", re.compile(r"^how many|exactly \d", re.I)),
+    ("where", re.compile(r"on the (left|top)|above|left of", re.I)),
+    ("color", re.compile(r"colou?r", re.I)),
+    ("shape", re.compile(r"shape", re.I)),
+    ("attr-yn", re.compile(r"^is the ", re.I)),
+)
+
+
+def question_kind(question: str) -> str:
+    q = question.replace("<image>", "").strip()
+    for name, pat in _KINDS:
+        if pat.search(q):
+            return name
+    return "other"
+
+
+def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
+    tok = load_tokenizer_for(cfg, data_root)
+    ds = LlavaDataset.load(data_root / file, data_root / "images", tok, template=cfg.data.template,
+                           image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
+                           max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
+                           image_std=cfg.vision.image_std)
+    records = json.loads((data_root / file).read_text(encoding="utf-8"))
+    by_id = {str(r["id"]): r for r in records}
+    client = ClientPart.from_pretrained(checkpoint / "client").eval()
+    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    n = len(ds) if limit <= 0 else min(limit, len(ds))
+    hits: dict[str, list[int]] = defaultdict(list)
+    hits_shuf: dict[str, list[int]] = defaultdict(list)
+    answers: dict[str, Counter] = defaultdict(Counter)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            samples = [ds[i] for i in range(start, min(n, start + batch_size))]
+            batch = collate(samples, pad_id=tok.pad_token_id)
+            labels = batch["labels"]
+            # first label position of each assistant turn: a label preceded by an ignored label
+            prev = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
+            first = (labels != IGNORE_INDEX) & (prev == IGNORE_INDEX)
+            perm = torch.roll(torch.arange(batch["pixel_values"].shape[0]), 1)
+            for shuffled, store in ((False, hits), (True, hits_shuf)):
+                pixels = batch["pixel_values"][perm] if shuffled else batch["pixel_values"]
+                sent = client(batch["input_ids"], batch["attention_mask"], pixels)
+                logits = server(sent.image.values, sent.text.values, sent.layout).logits
+                pred = logits[:, :-1].argmax(-1)
+                for b, s in enumerate(samples):
+                    turns = [c["value"] for c in by_id[str(s["id"])]["conversations"]]
+                    questions = turns[0::2]
+                    for t, pos in enumerate(first[b].nonzero().flatten().tolist()):
+                        kind = question_kind(questions[t]) if t < len(questions) else "other"
+                        store[kind].append(int(pred[b, pos - 1] == labels[b, pos]))
+                        if not shuffled:
+                            answers[kind][int(labels[b, pos])] += 1
+    out = {}
+    for kind in sorted(hits):
+        total = len(hits[kind])
+        out[kind] = {"n": total, "accuracy": 100 * sum(hits[kind]) / total,
+                     "shuffled_images": 100 * sum(hits_shuf[kind]) / total,
+                     "majority": 100 * answers[kind].most_common(1)[0][1] / total}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path, help="a stage's final folder (with client/ and server/)")
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--file", default="instruct_val.json", help="LLaVA-JSON file under the data root")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=0, help="records to probe; 0 = all")
+    ap.add_argument("--json", type=Path, help="also write the table here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, args.set)
+    table = probe(args.checkpoint, cfg, Path(cfg.data.root), args.file, args.batch_size, args.limit)
+    sys.stdout.write(f"{'kind':<8} {'n':>5} {'ours':>6} {'shuffled':>9} {'majority':>9}\n")
+    for kind, r in table.items():
+        sys.stdout.write(f"{kind:<8} {r['n']:>5} {r['accuracy']:>6.1f} {r['shuffled_images']:>9.1f} "
+                         f"{r['majority']:>9.1f}\n")
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "file": args.file, "kinds": table},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
