@@ -356,3 +356,15 @@ def test_prefill_rejects_right_padding():
     batch = make_batch(GEN_ROWS, cfg.vision.num_image_tokens, cfg.vision.image_size, left=False)
     with pytest.raises(ValueError, match="left padding"):
         greedy_generate(client, server, batch, max_new_tokens=2)
+
+
+def test_embed_init_std_sets_the_random_table_only():
+    cfg = micro_cfg()
+    cfg.llm.embed_init_std = 0.0
+    client, _ = make_parts(cfg)
+    assert client.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.2)  # transformers' default
+    cfg.llm.embed_init_std = 0.5
+    client, server = make_parts(cfg)
+    assert client.embed_tokens.weight.std().item() == pytest.approx(0.5, rel=0.1)
+    head = server.llm.get_output_embeddings().weight
+    assert head.std().item() < 0.1  # the (untied) LM head keeps its own initialisation
