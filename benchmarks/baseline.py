@@ -25,7 +25,7 @@ from qtllava.pipeline import run_pipeline
 
 # Long enough to learn the suites on 2 CPU cores (tens of minutes); the demo uses the preset's short schedule.
 BASELINE_STEPS = [
-    "train.stage0.steps=10000", "train.stage1.steps=300", "train.stage2.steps=800",
+    "train.stage0.steps=12000", "train.stage1.steps=300", "train.stage2.steps=800",
     "train.checkpoint_every=200", "eval.limit=0",
 ]
 

@@ -368,3 +368,22 @@ def test_embed_init_std_sets_the_random_table_only():
     assert client.embed_tokens.weight.std().item() == pytest.approx(0.5, rel=0.1)
     head = server.llm.get_output_embeddings().weight
     assert head.std().item() < 0.1  # the (untied) LM head keeps its own initialisation
+
+
+def test_sincos_position_init_is_a_2d_table():
+    from qtllava.model.vision import build_vision_tower, sincos_2d
+
+    table = sincos_2d(4, 16)
+    assert table.shape == (16, 16)
+    # the first half of the channels depends only on the row, the second half only on the column
+    torch.testing.assert_close(table[0, :8], table[3, :8])  # row 0, columns 0 and 3
+    torch.testing.assert_close(table[0, 8:], table[12, 8:])  # column 0, rows 0 and 3
+    assert not torch.equal(table[0], table[5])
+    cfg = micro_cfg()
+    cfg.vision.pos_init = "sincos"
+    tower = build_vision_tower(cfg.vision)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    torch.testing.assert_close(tower.model.embeddings.position_embedding.weight,
+                               sincos_2d(grid, cfg.vision.hidden_size))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 10)

@@ -246,14 +246,19 @@ def _read_model(side: bytes, pos: int, levels: int) -> tuple[int, int, np.ndarra
     lo, hi, p = side[pos], side[pos + 1], side[pos + 2]
     if not (lo <= hi < levels) or not 1 <= p <= _MAX_PRECISION:
         raise CodingError(f"ans model header invalid (lo={lo}, hi={hi}, precision={p}, L={levels})")
-    k = hi - lo + 1
-    nb = (k * p + 7) // 8
-    if pos + 3 + nb > len(side):
-        raise CodingError("ans side information truncated inside a model's counts")
-    q = _unpack_bits(side[pos + 3:pos + 3 + nb], p, k).astype(np.float64)
+    q, pos = _read_counts(side, pos + 3, p, hi - lo + 1, "ans model")
+    return lo, hi, q, pos
+
+
+def _read_counts(side: bytes, pos: int, precision: int, k: int, what: str) -> tuple[np.ndarray, int]:
+    """k quantized probabilities of `precision` bits each at `pos` -> (counts as float64, position after them)."""
+    nb = (k * precision + 7) // 8
+    if pos + nb > len(side):
+        raise CodingError(f"{what}: counts truncated")
+    q = _unpack_bits(side[pos:pos + nb], precision, k).astype(np.float64)
     if q.sum() <= 0:
-        raise CodingError("ans model has no probability mass")
-    return lo, hi, q, pos + 3 + nb
+        raise CodingError(f"{what} has no probability mass")
+    return q, pos + nb
 
 
 def _categorical(q: np.ndarray):
@@ -537,14 +542,8 @@ def _read_stream_model(side: bytes, pos: int, limit: int) -> tuple[int, np.ndarr
         return lo, None, pos
     if pos >= len(side) or not 1 <= side[pos] <= _MAX_PRECISION:
         raise CodingError("ans row dictionary: stream model precision missing or invalid")
-    p, k = side[pos], hi - lo + 1
-    nb = (k * p + 7) // 8
-    if pos + 1 + nb > len(side):
-        raise CodingError("ans row dictionary: stream model counts truncated")
-    q = _unpack_bits(side[pos + 1:pos + 1 + nb], p, k).astype(np.float64)
-    if q.sum() <= 0:
-        raise CodingError("ans row dictionary: stream model has no probability mass")
-    return lo, q, pos + 1 + nb
+    q, pos = _read_counts(side, pos + 1, side[pos], hi - lo + 1, "ans row dictionary: stream model")
+    return lo, q, pos
 
 
 def _encode_stream(coder, sym: np.ndarray, model) -> None:

@@ -41,24 +41,18 @@ __all__ = [
     "render",
 ]
 
-SOC_COLORS: dict[str, tuple[int, int, int]] = {
+_PALETTE: dict[str, tuple[int, int, int]] = {  # object colours of the Sort-of-CLEVR and shape worlds
     "red": (230, 0, 0),
     "blue": (0, 60, 240),
     "green": (0, 170, 0),
     "orange": (255, 140, 0),
     "yellow": (235, 205, 0),
-    "gray": (128, 128, 128),
-}
-SOC_SHAPES = ("circle", "square")
-
-SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 0, 0),
-    "blue": (0, 60, 240),
-    "green": (0, 170, 0),
-    "yellow": (235, 205, 0),
     "purple": (150, 30, 200),
     "gray": (128, 128, 128),
 }
+SOC_COLORS = {c: _PALETTE[c] for c in ("red", "blue", "green", "orange", "yellow", "gray")}
+SOC_SHAPES = ("circle", "square")
+SHAPE_COLORS = {c: _PALETTE[c] for c in ("red", "blue", "green", "yellow", "purple", "gray")}
 SHAPES = ("circle", "square", "triangle")
 
 GLYPH_COLORS: dict[str, tuple[int, int, int]] = {

@@ -121,6 +121,29 @@ class VisionTower(nn.Module):
         return h
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2-D sine-cosine position table, row-major over the patch grid (MAE's recipe): half of
+    the channels encode the row, half the column, each as sines and cosines of geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {dim}")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * freq[None, :]  # (grid, dim/4)
+    one = torch.cat([ang.sin(), ang.cos()], dim=1)  # (grid, dim/2)
+    rows = one[:, None, :].expand(grid, grid, dim // 2)
+    cols = one[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
+
+
 def build_vision_tower(cfg: VisionConfig, dtype: torch.dtype | None = None) -> VisionTower:
     """Random tower from the sizes in `cfg`, or the weights in the local folder `cfg.pretrained`."""
-    return VisionTower.from_pretrained(cfg, dtype) if cfg.pretrained else VisionTower(cfg)
+    if cfg.pretrained:
+        return VisionTower.from_pretrained(cfg, dtype)
+    tower = VisionTower(cfg)
+    if cfg.pos_init == "sincos":
+        table = tower.model.embeddings.position_embedding.weight
+        grid = cfg.image_size // cfg.patch_size
+        with torch.no_grad():  # CLIP's first row belongs to the CLS token: it starts at zero
+            table[-grid * grid:] = sincos_2d(grid, table.shape[1]).to(table.dtype)
+            table[:-grid * grid] = 0
+    return tower
