@@ -60,7 +60,7 @@ class VisionConfig:
     # initial position embeddings of a random tower: "sincos" (2-D sine-cosine table as in MAE, then trained) or
     # "default" (transformers' normal init, std ~0.09, ~7x weaker than the tiny preset's patch embeddings). With
     # "default" the tiny base lost where objects are: left/top of an object patch was linearly decodable from the
-    # connector output at 53 % / 51 % after 5400 stage-0 steps, against 91 % / 94 % with "sincos" after 1000
+    # connector output at 52 % / 51 % after 5400 stage-0 steps, against 92 % / 93 % with "sincos" after 1000
     # (benchmarks/answer_probe.py --positions; 2026-11-25). Ignored with `pretrained`.
     pos_init: typing.Literal["default", "sincos"] = "sincos"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
