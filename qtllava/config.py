@@ -59,9 +59,9 @@ class VisionConfig:
     select_layer: int = -2  # penultimate layer, as in LLaVA/TinyLLaVA
     # initial position embeddings of a random tower: "sincos" (2-D sine-cosine table as in MAE, then trained) or
     # "default" (transformers' normal init, std ~0.09, ~7x weaker than the tiny preset's patch embeddings). With
-    # "default" the tiny base lost where objects are: left/top of an object patch was linearly decodable from the
-    # connector output at 52 % / 51 % after 5400 stage-0 steps, against 92 % / 93 % with "sincos" after 1000
-    # (benchmarks/answer_probe.py --positions; 2026-11-25). Ignored with `pretrained`.
+    # "default", left/top of an object patch was linearly decodable from the tiny base's connector output at 52 % /
+    # 51 % after 5400 stage-0 steps, with "sincos" at 92 % / 93 % after 1000 (benchmarks/answer_probe.py
+    # --positions; docs/baseline.md: it did not make the questions learnable by itself). Ignored with `pretrained`.
     pos_init: typing.Literal["default", "sincos"] = "sincos"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -1,0 +1,118 @@
+"""Can a checkpoint learn one kind of question quickly? Fine-tune a copy on the matching turns, score held-out ones.
+
+The instruction corpus's turns whose question matches `--pattern` (a regular expression) become single-turn
+records; the last `--held-out` of them are kept aside. The checkpoint's client and server parts (nothing frozen,
+fp32, no codec) are trained on the rest for `--steps` steps of `--batch` records with AdamW at `--lr`, per-turn loss;
+every `--every` steps the first-answer-token accuracy on the training and held-out records is printed. Nothing is
+saved. Used in docs/baseline.md to tell "the image lacks the information" from "the model cannot route the question
+to the image":
+
+    python benchmarks/answer_probe.py ... # then
+    python benchmarks/lookup_probe.py runs/exp/sincos/final --pattern 'Is the red object on the left\\?'
+    python benchmarks/lookup_probe.py runs/exp/sincos/final --pattern 'Is the \\w+ object on the left\\?'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qtllava.config import load_config
+from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
+from qtllava.data.questions import MC_INSTRUCTION
+from qtllava.model.parts import ClientPart, ServerPart
+from qtllava.train.loop import load_tokenizer_for
+
+
+def matching_turns(path: Path, pattern: str, choices: bool = False) -> list[dict]:
+    """Matching turns as one-turn records; multiple-choice turns only with `choices`."""
+    pat = re.compile(pattern)
+    out = []
+    for rec in json.loads(path.read_text(encoding="utf-8")):
+        conv = rec["conversations"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            question = q["value"].replace("<image>", "").strip()
+            if pat.search(question) and (choices or MC_INSTRUCTION not in question):
+                out.append({"id": f"{rec['id']}-{len(out)}", "image": rec["image"],
+                            "conversations": [{"from": "human", "value": "<image>\n" + question}, a]})
+    return out
+
+
+def first_answer_accuracy(client, server, batch) -> float:
+    with torch.no_grad():
+        sent = client(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits = server(sent.image.values, sent.text.values, sent.layout).logits
+    labels = batch["labels"][:, 1:]
+    pos = (labels != IGNORE_INDEX).float().argmax(1)
+    rows = torch.arange(len(pos))
+    return 100 * float((logits[:, :-1].argmax(-1)[rows, pos] == labels[rows, pos]).float().mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--pattern", required=True, help="regular expression on the question text")
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--choices", action="store_true", help="keep multiple-choice turns too")
+    ap.add_argument("--held-out", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    root = Path(cfg.data.root)
+    torch.manual_seed(args.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    turns = matching_turns(root / "instruct_train.json", args.pattern, args.choices)
+    if len(turns) <= args.held_out:
+        raise SystemExit(f"only {len(turns)} turns match {args.pattern!r}; need more than --held-out {args.held_out}")
+    tok = load_tokenizer_for(cfg, root)
+    v = cfg.vision
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = []
+        for name, recs in (("train", turns[:-args.held_out]), ("held_out", turns[-args.held_out:])):
+            f = Path(tmp) / f"{name}.json"
+            f.write_text(json.dumps(recs), encoding="utf-8")
+            ds = LlavaDataset.load(f, root / "images", tok, template=cfg.data.template, image_size=v.image_size,
+                                   num_image_tokens=v.num_image_tokens, max_length=cfg.data.max_length,
+                                   image_mean=v.image_mean, image_std=v.image_std)
+            sets.append(collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id))
+    train, held = sets
+    client = ClientPart.from_pretrained(args.checkpoint / "client")
+    server = ServerPart.from_pretrained(args.checkpoint / "server")
+    params = list(client.parameters()) + list(server.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    n = train["input_ids"].shape[0]
+    assert train["pixel_values"].shape[0] == n  # one image per record, so rows index images too
+    sys.stdout.write(f"{n} training and {args.held_out} held-out turns match {args.pattern!r}\n"
+                     f"{'step':>5} {'loss':>7} {'train %':>8} {'held-out %':>10}\n")
+    for step in range(1, args.steps + 1):
+        idx = torch.randperm(n)[:args.batch]
+        b = {k: v[idx] for k, v in train.items() if k != "ids"}
+        sent = client(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        loss = server(sent.image.values, sent.text.values, sent.layout, labels=b["labels"],
+                      loss_average="turn").loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.every == 0:
+            sub = {k: v[:200] for k, v in train.items() if k != "ids"}
+            sys.stdout.write(f"{step:>5} {loss.item():>7.4f} {first_answer_accuracy(client, server, sub):>8.1f} "
+                             f"{first_answer_accuracy(client, server, held):>10.1f}\n")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
