@@ -18,7 +18,7 @@ import torch
 
 from qtllava.compress.base import Packet
 from qtllava.model.layout import Layout
-from qtllava.wire.messages import MESSAGE_TYPES, labels_from_wire, pb
+from qtllava.wire.messages import MESSAGE_TYPES, Link, labels_from_wire, pb
 
 __all__ = ["Message", "Capture", "RecordingLink", "WireStep", "parse_steps", "label_bytes"]
 
@@ -76,7 +76,7 @@ class Capture:
         return cls(out)
 
 
-class RecordingLink:
+class RecordingLink(Link):
     """Passes every call to `inner` (a link) and records the serialized request and reply of each call."""
 
     def __init__(self, inner: Any, capture: Capture | None = None):
@@ -87,26 +87,11 @@ class RecordingLink:
     def traffic(self):
         return self.inner.traffic
 
-    def _call(self, kind: str, request: Any) -> Any:
+    def call(self, kind: str, request: Any) -> Any:
         self.capture.messages.append(Message(kind, "up", request.SerializeToString()))
         reply = getattr(self.inner, kind)(request)
         self.capture.messages.append(Message(kind, "down", reply.SerializeToString()))
         return reply
-
-    def handshake(self, request):
-        return self._call("handshake", request)
-
-    def step(self, request):
-        return self._call("step", request)
-
-    def generate(self, request):
-        return self._call("generate", request)
-
-    def checkpoint(self, request):
-        return self._call("checkpoint", request)
-
-    def close(self, request):
-        return self._call("close", request)
 
 
 @dataclass
