@@ -94,7 +94,7 @@ class LLMConfig:
     # std of a random LLM's token-embedding table; 0 keeps transformers' initializer_range (0.02). Ignored with
     # `pretrained`. With 0.02, text rows start ~20x smaller than the connector's image rows (~100x after stage 0);
     # 0.4 or 1.0 did not change the tiny model's answer accuracy after 1000 stage-0 steps (2026-11-25, measured
-    # with benchmarks/answer_probe.py; issue 3's closing note), so the default stays 0.
+    # with benchmarks/answer_probe.py; docs/baseline.md), so the default stays 0.
     embed_init_std: float = 0.0
 
 

@@ -387,3 +387,12 @@ def test_sincos_position_init_is_a_2d_table():
                                sincos_2d(grid, cfg.vision.hidden_size))
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(4, 10)
+
+
+def test_sincos_needs_a_width_divisible_by_4():
+    from qtllava.model.vision import build_vision_tower
+
+    cfg = micro_cfg()
+    cfg.vision.hidden_size, cfg.vision.num_heads = 30, 2
+    with pytest.raises(ValueError, match="vision.pos_init='sincos' needs vision.hidden_size divisible by 4"):
+        build_vision_tower(cfg.vision)

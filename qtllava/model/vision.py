@@ -143,6 +143,9 @@ def build_vision_tower(cfg: VisionConfig, dtype: torch.dtype | None = None) -> V
     if cfg.pos_init == "sincos":
         table = tower.model.embeddings.position_embedding.weight
         grid = cfg.image_size // cfg.patch_size
+        if table.shape[1] % 4:
+            raise ValueError(f"vision.pos_init='sincos' needs vision.hidden_size divisible by 4, got "
+                             f"{table.shape[1]}; set vision.pos_init='default'")
         with torch.no_grad():  # CLIP's first row belongs to the CLS token: it starts at zero
             table[-grid * grid:] = sincos_2d(grid, table.shape[1]).to(table.dtype)
             table[:-grid * grid] = 0
