@@ -54,10 +54,7 @@ def question_kind(question: str) -> str:
 
 def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
     tok = load_tokenizer_for(cfg, data_root)
-    ds = LlavaDataset.load(data_root / file, data_root / "images", tok, template=cfg.data.template,
-                           image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
-                           max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
-                           image_std=cfg.vision.image_std)
+    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
     records = json.loads((data_root / file).read_text(encoding="utf-8"))
     by_id = {str(r["id"]): r for r in records}
     client = ClientPart.from_pretrained(checkpoint / "client").eval()

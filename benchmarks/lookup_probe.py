@@ -77,15 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(turns) <= args.held_out:
         raise SystemExit(f"only {len(turns)} turns match {args.pattern!r}; need more than --held-out {args.held_out}")
     tok = load_tokenizer_for(cfg, root)
-    v = cfg.vision
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
         for name, recs in (("train", turns[:-args.held_out]), ("held_out", turns[-args.held_out:])):
             f = Path(tmp) / f"{name}.json"
             f.write_text(json.dumps(recs), encoding="utf-8")
-            ds = LlavaDataset.load(f, root / "images", tok, template=cfg.data.template, image_size=v.image_size,
-                                   num_image_tokens=v.num_image_tokens, max_length=cfg.data.max_length,
-                                   image_mean=v.image_mean, image_std=v.image_std)
+            ds = LlavaDataset.for_config(cfg, f, root / "images", tok, cfg.data.template)
             sets.append(collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id))
     train, held = sets
     client = ClientPart.from_pretrained(args.checkpoint / "client")

@@ -210,6 +210,15 @@ class LlavaDataset(_Base):
         """Construct with the same arguments and validate."""
         return cls(*args, **kwargs).validate()
 
+    @classmethod
+    def for_config(cls, cfg: Any, json_path: str | Path, image_folder: str | Path, tokenizer: PreTrainedTokenizerBase,
+                   template: str | Template, skip_bad: bool = False) -> "LlavaDataset":
+        """`load` with the image size, image tokens, normalisation and max length of a qtllava `Config`."""
+        v = cfg.vision
+        return cls.load(json_path, image_folder, tokenizer, template=template, image_size=v.image_size,
+                        num_image_tokens=v.num_image_tokens, max_length=cfg.data.max_length, image_mean=v.image_mean,
+                        image_std=v.image_std, skip_bad=skip_bad)
+
     def _records(self) -> list[Any]:
         try:
             text = self.path.read_text(encoding="utf-8")

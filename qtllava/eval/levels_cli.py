@@ -136,10 +136,7 @@ def checkpoint_rows(checkpoint: str | Path, data_root: str | Path | None = None,
     if image_token_id(tok) != part.image_token_id:
         raise ValueError(f"{checkpoint}: image token id {part.image_token_id} differs from the tokenizer's "
                          f"({image_token_id(tok)}) in {root}; wrong data root?")
-    ds = LlavaDataset.load(path, root / "images", tok, template=pcfg.data.template,
-                           image_size=pcfg.vision.image_size, num_image_tokens=pcfg.vision.num_image_tokens,
-                           max_length=pcfg.data.max_length, image_mean=pcfg.vision.image_mean,
-                           image_std=pcfg.vision.image_std, skip_bad=True)
+    ds = LlavaDataset.for_config(pcfg, path, root / "images", tok, pcfg.data.template, skip_bad=True)
     bs = int(batch_size or cfg.train.stage2.batch_size)
     if batches < 1 or bs < 1:
         raise ValueError(f"need at least one batch of at least one sample (batches={batches}, batch_size={bs})")

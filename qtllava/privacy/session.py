@@ -51,10 +51,7 @@ def checkpoint_config(checkpoint: str | Path) -> Config:
 
 def load_victim_dataset(cfg: Config, vs: VictimSet, data_root: Path, tok=None) -> LlavaDataset:
     tok = tok if tok is not None else load_tokenizer_for(cfg, data_root)
-    return LlavaDataset.load(vs.json_path, vs.image_folder, tok, template=vs.template,
-                             image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
-                             max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
-                             image_std=cfg.vision.image_std)
+    return LlavaDataset.for_config(cfg, vs.json_path, vs.image_folder, tok, vs.template)
 
 
 def _frozen(cfg: Config) -> Config:

@@ -208,10 +208,7 @@ class PrivacyRun:
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": cap}]})
         path = folder / "captions.json"
         path.write_text(json.dumps(records))
-        v = self.cfg.vision
-        return LlavaDataset.load(path, folder / "images", self.tok, template="pretrain", image_size=v.image_size,
-                                 num_image_tokens=v.num_image_tokens, max_length=self.cfg.data.max_length,
-                                 image_mean=v.image_mean, image_std=v.image_std, skip_bad=True)
+        return LlavaDataset.for_config(self.cfg, path, folder / "images", self.tok, "pretrain", skip_bad=True)
 
     def inverter(self, attacker: str) -> A.InversionNet:
         """The attacker's inversion network (cached in the work folder); the black-box attacker also fits the

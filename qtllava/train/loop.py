@@ -176,11 +176,8 @@ def stage_batches(cfg: Config, stage: str, data_root: Path, tok, shard: tuple[in
     rec = recipe(stage)
     st = getattr(cfg.train, stage)
     template = cfg.data.template if rec.template == "chat" else "pretrain"
-    datasets = [LlavaDataset.load(data_root / name, data_root / "images", tok, template=template,
-                                  image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
-                                  max_length=cfg.data.max_length, image_mean=cfg.vision.image_mean,
-                                  image_std=cfg.vision.image_std, skip_bad=cfg.data.skip_bad)
-                for name in rec.data]
+    datasets = [LlavaDataset.for_config(cfg, data_root / name, data_root / "images", tok, template,
+                                        skip_bad=cfg.data.skip_bad) for name in rec.data]
     index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]
     if shard is not None:
         i, n = shard
