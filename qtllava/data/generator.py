@@ -36,7 +36,7 @@ __all__ = ["GENERATOR_VERSION", "SUITES", "SUITE_METRICS", "make_data", "read_ma
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: captions list objects by colour (questions.caption_order)
 SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
 SUITE_METRICS = {"soc-vqa": "vqa_accuracy", "soc-mc": "mc_accuracy", "glyph-vqa": "vqa_accuracy",
                  "shape-pope": "pope", "shape-mme": "mme"}

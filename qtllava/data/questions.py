@@ -36,6 +36,7 @@ __all__ = [
     "pope_questions",
     "mme_questions",
     "caption",
+    "caption_order",
     "answer_space",
     "annotator_answers",
 ]
@@ -339,8 +340,19 @@ def mme_questions(scene: Scene, rng: np.random.Generator) -> list[QA] | None:
 # --- captions ----------------------------------------------------------------------------------------------
 
 
+def caption_order(scene: Scene) -> list[Obj]:
+    """The order a caption lists a scene's objects in: by colour (palette order), then shape, then reading order.
+
+    Keyed by colour on purpose: predicting the words after a colour word then needs a look-up of that colour in the
+    image, the same look-up every question about "the <colour> object" needs. With reading order (top row first)
+    a caption can be produced by scanning the image, and a from-scratch decoder never learnt the colour look-up
+    (docs/baseline.md, "Caption order")."""
+    palette = list(SOC_COLORS if scene.kind == "soc" else SHAPE_COLORS)
+    return sorted(scene.objects, key=lambda o: (palette.index(o.color), SHAPES.index(o.shape), o.row, o.col))
+
+
 def caption(scene: Scene) -> str:
-    """A short, complete description in reading order (top row first, left to right)."""
+    """A short, complete description: objects in :func:`caption_order`, glyph words in reading order."""
     if scene.kind == "glyph":
         ws = sorted(scene.words, key=lambda w: (w.row, w.col))
         if len(ws) == 1:
@@ -348,7 +360,7 @@ def caption(scene: Scene) -> str:
             return f"The word {w.text} written in {w.color}."
         return "Two words: " + ", ".join(
             f"{w.text} in {w.color} at the {'top' if w.row == 0 else 'bottom'}" for w in ws) + "."
-    objs = scene.reading_order()
+    objs = caption_order(scene)
     parts = ", ".join(f"{o.color} {o.shape} {o.where}" for o in objs)
     return f"{len(objs)} objects: {parts}."
 

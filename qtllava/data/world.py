@@ -203,9 +203,6 @@ class Scene:
             return [[w.text, w.color, w.col, w.row] for w in self.words]
         return [[o.color, o.shape, o.col, o.row] for o in self.objects]
 
-    def reading_order(self) -> list[Obj]:
-        return sorted(self.objects, key=lambda o: (o.row, o.col))
-
 
 # --- sampling ----------------------------------------------------------------------------------------------
 
