@@ -9,7 +9,9 @@ depend on the image?).
 
     python benchmarks/answer_probe.py runs/baseline/stage0/final --config tiny [--file instruct_val.json] [--positions]
 
-`--positions` adds a linear probe of where objects are (left/top half) in the connector's output rows.
+`--positions` adds a linear probe of where objects are (left/top half) in the connector's output rows;
+`--captions` the teacher-forced accuracy on the attribute words of captions (colour, shape, top/bottom,
+left/right; each shape or position word follows a colour word, so it needs a look-up of that colour in the image).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, load_image
+from qtllava.data.world import GLYPH_COLORS, SHAPE_COLORS, SHAPES, SOC_COLORS
 from qtllava.model.parts import ClientPart, ServerPart
 from qtllava.train.loop import load_tokenizer_for
 
@@ -52,6 +55,48 @@ def question_kind(question: str) -> str:
     return "other"
 
 
+def _predict(client: ClientPart, server: ServerPart, batch: dict, shuffled: bool) -> torch.Tensor:
+    """Teacher-forced argmax predictions; `pred[:, t]` is the guess for token t + 1. `shuffled` rolls the images by
+    one inside the batch."""
+    pixels = batch["pixel_values"]
+    if shuffled:
+        pixels = pixels[torch.roll(torch.arange(pixels.shape[0]), 1)]
+    sent = client(batch["input_ids"], batch["attention_mask"], pixels)
+    return server(sent.image.values, sent.text.values, sent.layout).logits[:, :-1].argmax(-1)
+
+
+def caption_probe(checkpoint: Path, cfg, data_root: Path, n_records: int = 192, batch_size: int = 32) -> dict:
+    """Teacher-forced accuracy on the attribute words of the first `n_records` captions, by kind of word: the colour
+    words, and the shape and position words that follow a colour word (each needs a look-up in the image)."""
+    tok = load_tokenizer_for(cfg, data_root)
+    ds = LlavaDataset.for_config(cfg, data_root / "captions.json", data_root / "images", tok, "pretrain")
+    groups = {"colour": set(SOC_COLORS) | set(SHAPE_COLORS) | set(GLYPH_COLORS), "shape": set(SHAPES),
+              "top/bottom": {"top", "bottom"}, "left/right": {"left", "right"}}
+    kind_of = {}
+    for kind, words in groups.items():
+        for w in words:
+            ids = tok(" " + w, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:  # a word the tokenizer splits is left out
+                kind_of[ids[0]] = kind
+    client = ClientPart.from_pretrained(checkpoint / "client").eval()
+    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    hits: dict[tuple[str, bool], list[int]] = defaultdict(list)
+    n = min(n_records, len(ds))
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            batch = collate([ds[i] for i in range(start, min(n, start + batch_size))], pad_id=tok.pad_token_id)
+            target = batch["labels"][:, 1:]
+            for shuffled in (False, True):
+                pred = _predict(client, server, batch, shuffled)
+                for b, t in (target != IGNORE_INDEX).nonzero().tolist():
+                    kind = kind_of.get(int(target[b, t]))
+                    if kind:
+                        hits[kind, shuffled].append(int(pred[b, t] == target[b, t]))
+    return {kind: {"n": len(hits[kind, False]), "accuracy": 100 * sum(hits[kind, False]) / len(hits[kind, False]),
+                   "shuffled_images": 100 * sum(hits[kind, True]) / len(hits[kind, True])}
+            for kind in groups if hits[kind, False]}
+
+
 def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
     tok = load_tokenizer_for(cfg, data_root)
     ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
@@ -71,12 +116,8 @@ def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, li
             # first label position of each assistant turn: a label preceded by an ignored label
             prev = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
             first = (labels != IGNORE_INDEX) & (prev == IGNORE_INDEX)
-            perm = torch.roll(torch.arange(batch["pixel_values"].shape[0]), 1)
             for shuffled, store in ((False, hits), (True, hits_shuf)):
-                pixels = batch["pixel_values"][perm] if shuffled else batch["pixel_values"]
-                sent = client(batch["input_ids"], batch["attention_mask"], pixels)
-                logits = server(sent.image.values, sent.text.values, sent.layout).logits
-                pred = logits[:, :-1].argmax(-1)
+                pred = _predict(client, server, batch, shuffled)
                 for b, s in enumerate(samples):
                     turns = [c["value"] for c in by_id[str(s["id"])]["conversations"]]
                     questions = turns[0::2]
@@ -140,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="records to probe; 0 = all")
     ap.add_argument("--positions", action="store_true",
                     help="also: is an object patch's left/top half linearly decodable from the connector output?")
+    ap.add_argument("--captions", action="store_true",
+                    help="also: teacher-forced accuracy on the colour, shape and position words of captions")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -155,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"object position from the connector output ({pos['patches']} object patches, linear "
                          f"read-out, held-out 30 %): left {pos['left_accuracy']:.1f} %, top {pos['top_accuracy']:.1f} %"
                          " (50 = none)\n")
+    if args.captions:
+        out["captions"] = caps = caption_probe(args.checkpoint, cfg, Path(cfg.data.root))
+        sys.stdout.write(f"\n{'caption word':<12} {'n':>5} {'ours':>6} {'shuffled':>9}\n")
+        for kind, r in caps.items():
+            sys.stdout.write(f"{kind:<12} {r['n']:>5} {r['accuracy']:>6.1f} {r['shuffled_images']:>9.1f}\n")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -22,6 +22,7 @@ from qtllava.data import (IGNORE_INDEX, SUITES, DataError, EvalQuestions, LlavaD
                           make_data, read_manifest, register_template, resolve_tokenizer, suite_size,
                           train_tokenizer)
 from qtllava.data.questions import LETTERS, MC_INSTRUCTION, MME_SUBTASKS, POPE_SPLITS
+from qtllava.data.world import SHAPE_COLORS, SHAPES, SOC_COLORS
 
 S = 16  # micro image size
 N_IMG = 16  # micro image tokens (16 px / 4 px patches)
@@ -167,6 +168,27 @@ def test_soc_suites(root):
         lines = q["text"].split("\n")
         assert lines[-1] == MC_INSTRUCTION
         assert lines[1:1 + k] == [f"{LETTERS[i]}. {c}" for i, c in enumerate(a["choices"])]
+
+
+def test_captions_list_objects_by_colour(root):
+    """Captions are keyed by colour (palette order, then shape), and describe exactly the scene's objects."""
+    scenes = {}
+    for line in (root / "scenes.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        scenes[rec["image"]] = rec
+    palettes = {"soc": list(SOC_COLORS), "shape": list(SHAPE_COLORS)}
+    checked = 0
+    for rec in json.loads((root / "captions.json").read_text()):
+        scene = scenes[rec["image"]]
+        if scene["kind"] not in palettes:
+            continue
+        body = rec["conversations"][1]["value"].split(": ", 1)[1].rstrip(".")
+        listed = [part.split(" ") for part in body.split(", ")]  # colour, shape, top|bottom, left|right
+        order = [(palettes[scene["kind"]].index(c), SHAPES.index(sh)) for c, sh, *_ in listed]
+        assert order == sorted(order), rec["conversations"][1]["value"]
+        assert sorted((c, sh) for c, sh, *_ in listed) == sorted((c, sh) for c, sh, *_ in scene["content"])
+        checked += 1
+    assert checked >= 10
 
 
 def test_pope_suite(root):

@@ -1,0 +1,160 @@
+"""Sandbox for the colour look-up: can the tiny preset's decoder, from scratch, learn "Is the <colour> object on the
+left?" when the image tokens are clean, synthetic and known to hold the answer?
+
+Six objects (one per colour, circle or square) on a 4 x 4 grid of cells, each cell 2 x 2 of the 8 x 8 patches. A
+patch of an object holds a fixed random colour vector + shape vector (+ noise); every patch also carries a 2-D
+sine-cosine code of where it is. A trainable MLP maps patches to the decoder width (as the connector does), then a
+from-scratch Qwen2 decoder of the tiny preset's shape reads [image tokens, question] and answers. `--captions`
+mixes in (every other step) caption sequences "<colour> <shape> <top|bottom> <left|right>" per object, listed by
+colour ("color") or in reading order ("reading").
+
+    python benchmarks/lookup_sandbox.py --steps 1000                     # questions alone
+    python benchmarks/lookup_sandbox.py --steps 1000 --captions color    # + captions keyed by colour
+
+Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
+the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+N_COLORS, N_SHAPES, GRID, PATCHES = 6, 2, 4, 8  # colours, shapes, cells per side, patches per side
+SHAPE_WORDS = ("circle", "square")
+FILLER = "<f>"
+WORDS = [FILLER, "<pad>", "Is", "the", "object", "on", "left", "top", "?", "yes", "no", "What", "shape", "of", "A:", "circle",
+         "square", "bottom", "right"] + [f"c{i}" for i in range(N_COLORS)]
+VOCAB = {w: i for i, w in enumerate(WORDS)}
+FEAT_DIM, POS_DIM = 64, 32
+
+
+def sincos(v: torch.Tensor, n: int) -> torch.Tensor:
+    f = torch.exp(-math.log(100.0) * torch.arange(n // 2) / (n // 2))
+    return torch.cat([torch.sin(v[..., None] * f), torch.cos(v[..., None] * f)], -1)
+
+
+class Sandbox:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        torch.manual_seed(args.seed)
+        width = 256
+        cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=width, intermediate_size=688,
+                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=False)
+        self.model = Qwen2ForCausalLM(cfg)
+        g = torch.Generator().manual_seed(123)
+        self.color_vec = torch.randn(N_COLORS, FEAT_DIM, generator=g)
+        self.shape_vec = torch.randn(N_SHAPES, FEAT_DIM, generator=g)
+        yy, xx = torch.meshgrid(torch.arange(PATCHES), torch.arange(PATCHES), indexing="ij")
+        self.pos = torch.cat([sincos(yy.flatten().float(), POS_DIM // 2), sincos(xx.flatten().float(), POS_DIM // 2)],
+                             -1)
+        self.connector = nn.Sequential(nn.Linear(FEAT_DIM + POS_DIM, width), nn.GELU(), nn.Linear(width, width))
+        self.params = list(self.model.parameters()) + list(self.connector.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
+        self.types = args.types.split(",")
+
+    def scene(self) -> tuple[torch.Tensor, list[tuple[bool, bool, int]]]:
+        """Patch features (64 x (FEAT_DIM + POS_DIM)) and per colour (is_left, is_top, shape)."""
+        cells = torch.randperm(GRID * GRID)[:N_COLORS]
+        shapes = torch.randint(0, N_SHAPES, (N_COLORS,))
+        f = torch.zeros(PATCHES * PATCHES, FEAT_DIM)
+        info = []
+        for c in range(N_COLORS):
+            cy, cx = divmod(int(cells[c]), GRID)
+            for dy in range(2):
+                for dx in range(2):
+                    f[(2 * cy + dy) * PATCHES + 2 * cx + dx] = self.color_vec[c] + self.shape_vec[shapes[c]]
+            info.append((cx < GRID // 2, cy < GRID // 2, int(shapes[c])))
+        f = f + 0.1 * torch.randn_like(f)
+        return torch.cat([f, self.pos], -1), info
+
+    def text(self, info: list[tuple[bool, bool, int]], caption: bool) -> list[tuple[int, bool]]:
+        """(token, is_target) pairs: a caption, or `--turns` question turns."""
+        toks: list[tuple[int, bool]] = []
+        if caption:
+            if self.args.captions == "color":
+                order = list(range(N_COLORS))
+            else:  # reading order: top row first, then left first
+                order = sorted(range(N_COLORS), key=lambda c: (not info[c][1], not info[c][0]))
+            for c in order:
+                left, top, shape = info[c]
+                toks += [(VOCAB[f"c{c}"], True), (VOCAB[SHAPE_WORDS[shape]], True),
+                         (VOCAB["top" if top else "bottom"], True), (VOCAB["left" if left else "right"], True)]
+            return toks
+        for _ in range(self.args.turns):
+            c = int(torch.randint(0, N_COLORS, ()))
+            kind = self.types[int(torch.randint(0, len(self.types), ()))]
+            left, top, shape = info[c]
+            if kind == "left":
+                q, ans = ["Is", "the", f"c{c}", "object", "on", "left", "?", "A:"], "yes" if left else "no"
+            elif kind == "top":
+                q, ans = ["Is", "the", f"c{c}", "object", "on", "top", "?", "A:"], "yes" if top else "no"
+            else:
+                q, ans = ["What", "shape", "of", "the", f"c{c}", "object", "?", "A:"], SHAPE_WORDS[shape]
+            q = q[:-1] + [FILLER] * self.args.filler + q[-1:]  # template tokens between question and answer
+            toks += [(VOCAB[w], False) for w in q] + [(VOCAB[ans], True)]
+        return toks
+
+    def batch(self, n: int, caption: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, texts = [], []
+        for _ in range(n):
+            f, info = self.scene()
+            feats.append(f)
+            texts.append(self.text(info, caption))
+        img = self.connector(torch.stack(feats))
+        ids = torch.tensor([[t for t, _ in tx] for tx in texts])
+        is_target = torch.tensor([[m for _, m in tx] for tx in texts])
+        emb = torch.cat([img, self.model.get_input_embeddings()(ids)], 1)
+        labels = torch.full(emb.shape[:2], -100)
+        labels[:, img.shape[1] - 1:-1] = torch.where(is_target, ids, torch.full_like(ids, -100))  # position t -> t+1
+        return emb, labels
+
+    def train(self) -> None:
+        a, t0 = self.args, time.time()
+        for step in range(1, a.steps + 1):
+            for group in self.opt.param_groups:
+                group["lr"] = a.lr * min(1.0, step / 50)
+            emb, labels = self.batch(a.batch, caption=bool(a.captions) and step % 2 == 1)
+            logits = self.model(inputs_embeds=emb).logits
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            if step % 100 == 0:
+                with torch.no_grad():
+                    emb, labels = self.batch(256)
+                    pred = self.model(inputs_embeds=emb).logits.argmax(-1)
+                    m = labels != -100
+                    acc = (pred[m] == labels[m]).float().mean().item()
+                print(f"step {step} loss {loss.item():.3f} answer accuracy {acc:.3f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--turns", type=int, default=1, help="question turns per sequence")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--types", default="left", help="question kinds, comma-separated: left, top, shape")
+    p.add_argument("--captions", choices=["", "color", "reading"], default="",
+                   help="mix in caption sequences (every other step), objects listed by colour or reading order")
+    p.add_argument("--filler", type=int, default=0,
+                   help="filler tokens between the question and the answer (the real template has ~10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    Sandbox(args).train()
+
+
+if __name__ == "__main__":
+    main()
