@@ -396,3 +396,29 @@ def test_sincos_needs_a_width_divisible_by_4():
     cfg.vision.hidden_size, cfg.vision.num_heads = 30, 2
     with pytest.raises(ValueError, match="vision.pos_init='sincos' needs vision.hidden_size divisible by 4"):
         build_vision_tower(cfg.vision)
+
+
+def test_connector_position_code(tmp_path):
+    """connector.position_dims concatenates a fixed 2-D sine-cosine code to the tower's features: the connector
+    input is wider, equal patches at different places give different rows, and the code is not saved (rebuilt)."""
+    from qtllava.model.vision import sincos_2d
+
+    cfg = micro_cfg()
+    cfg.connector.position_dims = 8
+    client, _ = make_parts(cfg)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    assert client.connector[0].in_features == client.vision_tower.hidden_size + 8
+    torch.testing.assert_close(client.image_position, sincos_2d(grid, 8))
+    with torch.no_grad():
+        feats = client.vision_tower(torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size))
+        rows = client.image_features(torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size))
+        # the same tower rows through the connector with the code of patch 0 everywhere: only patch 0 agrees
+        same = client.connector(torch.cat([feats, client.image_position[:1].expand(1, feats.shape[1], -1)], -1))
+    torch.testing.assert_close(rows[0, 0], same[0, 0])
+    assert not torch.allclose(rows[0, 1:], same[0, 1:])
+    client.save_pretrained(tmp_path / "client")
+    client2 = ClientPart.from_pretrained(tmp_path / "client")
+    torch.testing.assert_close(client2.image_position, client.image_position)
+    cfg.connector.position_dims = 6
+    with pytest.raises(ValueError, match="position_dims=6 needs a multiple of 4"):
+        make_parts(cfg)

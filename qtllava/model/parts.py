@@ -10,6 +10,7 @@ Each part saves to its own folder (`config.json` + `model.safetensors`) and can 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ from qtllava.model.connector import build_connector
 from qtllava.model.layout import Layout
 from qtllava.model.loss import IGNORE_INDEX, label_weights, lm_loss
 from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
-from qtllava.model.vision import VisionTower, build_vision_tower
+from qtllava.model.vision import VisionTower, build_vision_tower, sincos_2d
 
 __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts", "Layout",
            "CONFIG_NAME", "WEIGHTS_NAME", "IGNORE_INDEX"]
@@ -70,7 +71,14 @@ class ClientPart(nn.Module):
         self.image_token_id = int(image_token_id)
         dim = embed_tokens.embedding_dim
         self.vision_tower = vision_tower
-        self.connector = build_connector(cfg.connector, vision_tower.hidden_size, dim)
+        pos = cfg.connector.position_dims
+        self.connector = build_connector(cfg.connector, vision_tower.hidden_size + pos, dim)
+        grid = math.isqrt(vision_tower.num_tokens)
+        if pos and (pos % 4 or grid * grid != vision_tower.num_tokens):
+            raise ValueError(f"connector.position_dims={pos} needs a multiple of 4 and a square patch grid "
+                             f"({vision_tower.num_tokens} image tokens)")
+        # fixed, so not saved: (num_image_tokens, position_dims), or an empty table when off
+        self.register_buffer("image_position", sincos_2d(grid, pos) if pos else torch.zeros(0), persistent=False)
         self.embed_tokens = embed_tokens
         self.image_codec = image_codec if image_codec is not None else build_codec(cfg.compress.image, dim)[0]
         self.text_codec = text_codec if text_codec is not None else build_codec(cfg.compress.text, dim)[0]
@@ -85,7 +93,11 @@ class ClientPart(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n, 3, H, W) -> connector output (n, num_image_tokens, D)."""
-        return self.connector(self.vision_tower(pixel_values))
+        feats = self.vision_tower(pixel_values)
+        if self.image_position.numel():
+            code = self.image_position.to(feats.dtype).expand(feats.shape[0], -1, -1)
+            feats = torch.cat([feats, code], dim=-1)
+        return self.connector(feats)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """input_ids (B, T) with one `image_token_id` per image token -> inputs_embeds (B, T, D).
