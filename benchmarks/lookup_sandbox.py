@@ -27,10 +27,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 N_COLORS, N_SHAPES, GRID, PATCHES = 6, 2, 4, 8  # colours, shapes, cells per side, patches per side
 SHAPE_WORDS = ("circle", "square")
-FILLER = "<f>"
-WORDS = [FILLER, "<pad>", "Is", "the", "object", "on", "left", "top", "?", "yes", "no", "What", "shape", "of", "A:", "circle",
+FILLER = "<f>"  # in the vocabulary only with --filler, so runs without it are those of docs/baseline.md
+WORDS = ["<pad>", "Is", "the", "object", "on", "left", "top", "?", "yes", "no", "What", "shape", "of", "A:", "circle",
          "square", "bottom", "right"] + [f"c{i}" for i in range(N_COLORS)]
-VOCAB = {w: i for i, w in enumerate(WORDS)}
 FEAT_DIM, POS_DIM = 64, 32
 
 
@@ -43,8 +42,10 @@ class Sandbox:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         torch.manual_seed(args.seed)
+        words = WORDS + ([FILLER] if args.filler else [])
+        self.vocab = {w: i for i, w in enumerate(words)}
         width = 256
-        cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=width, intermediate_size=688,
+        cfg = Qwen2Config(vocab_size=len(words), hidden_size=width, intermediate_size=688,
                           num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=512, tie_word_embeddings=False)
         self.model = Qwen2ForCausalLM(cfg)
@@ -84,8 +85,8 @@ class Sandbox:
                 order = sorted(range(N_COLORS), key=lambda c: (not info[c][1], not info[c][0]))
             for c in order:
                 left, top, shape = info[c]
-                toks += [(VOCAB[f"c{c}"], True), (VOCAB[SHAPE_WORDS[shape]], True),
-                         (VOCAB["top" if top else "bottom"], True), (VOCAB["left" if left else "right"], True)]
+                words = (f"c{c}", SHAPE_WORDS[shape], "top" if top else "bottom", "left" if left else "right")
+                toks += [(self.vocab[w], True) for w in words]
             return toks
         for _ in range(self.args.turns):
             c = int(torch.randint(0, N_COLORS, ()))
@@ -98,7 +99,7 @@ class Sandbox:
             else:
                 q, ans = ["What", "shape", "of", "the", f"c{c}", "object", "?", "A:"], SHAPE_WORDS[shape]
             q = q[:-1] + [FILLER] * self.args.filler + q[-1:]  # template tokens between question and answer
-            toks += [(VOCAB[w], False) for w in q] + [(VOCAB[ans], True)]
+            toks += [(self.vocab[w], False) for w in q] + [(self.vocab[ans], True)]
         return toks
 
     def batch(self, n: int, caption: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
