@@ -145,7 +145,7 @@ def position_probe(checkpoint: Path, cfg, data_root: Path, n_images: int = 300) 
     client = ClientPart.from_pretrained(checkpoint / "client").eval()
     v = cfg.vision
     grid, patch = v.image_size // v.patch_size, v.patch_size
-    feats, targets = [], []
+    feats, targets, all_rows = [], [], []
     with torch.no_grad():
         for start in range(0, len(records), 50):
             pixels = torch.stack([load_image(data_root / "images" / r["image"], v.image_size, v.image_mean, v.image_std)
@@ -158,17 +158,27 @@ def position_probe(checkpoint: Path, cfg, data_root: Path, n_images: int = 300) 
             has_object = ~cells.all(-1)
             idx = torch.arange(grid * grid)
             where = torch.stack([(idx % grid) < grid // 2, (idx // grid) < grid // 2], dim=1).float()
+            all_rows.append(rows.reshape(-1, rows.shape[-1]))
             for n in range(rows.shape[0]):
                 feats.append(rows[n][has_object[n]])
                 targets.append(where[has_object[n]])
     x, y = torch.cat(feats), torch.cat(targets)
+    # share of the variance of all connector rows (object or not) that the patch's row / column explains
+    every = torch.cat(all_rows)
+    every = every - every.mean(0)
+    idx = torch.arange(grid * grid).repeat(len(every) // (grid * grid))
+    share = {}
+    for name, label in (("row", idx // grid), ("column", idx % grid)):
+        means = torch.stack([every[label == k].mean(0) for k in range(grid)])
+        share[name] = 100 * float(means[label].pow(2).sum() / every.pow(2).sum())
     cut = int(0.7 * len(x))
     mean, std = x[:cut].mean(0), x[:cut].std(0) + 1e-6
     design = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], dim=1)
     w = torch.linalg.lstsq(design[:cut], 2 * y[:cut] - 1).solution
     hit = ((design[cut:] @ w) > 0) == y[cut:].bool()
     return {"patches": len(x), "left_accuracy": 100 * float(hit[:, 0].float().mean()),
-            "top_accuracy": 100 * float(hit[:, 1].float().mean())}
+            "top_accuracy": 100 * float(hit[:, 1].float().mean()),
+            "variance_explained_by_row": share["row"], "variance_explained_by_column": share["column"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"object position from the connector output ({pos['patches']} object patches, linear "
                          f"read-out, held-out 30 %): left {pos['left_accuracy']:.1f} %, top {pos['top_accuracy']:.1f} %"
                          " (50 = none)\n")
+        sys.stdout.write(f"share of the connector output's variance explained by the patch's row "
+                         f"{pos['variance_explained_by_row']:.1f} %, column {pos['variance_explained_by_column']:.1f} %\n")
     if args.captions:
         out["captions"] = caps = caption_probe(args.checkpoint, cfg, Path(cfg.data.root))
         sys.stdout.write(f"\n{'caption word':<12} {'n':>5} {'ours':>6} {'shuffled':>9}\n")
