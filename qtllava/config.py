@@ -75,8 +75,8 @@ class VisionConfig:
 @dataclass
 class ConnectorConfig:
     kind: str = "mlp2x_gelu"
-    # width of a fixed 2-D sine-cosine code of each image token's place in the patch grid, concatenated to the
-    # tower's features before the connector (0 = off, as TinyLLaVA). The tiny preset's from-scratch tower keeps
+    # width of a fixed 2-D sine-cosine code of each image token's place in the patch grid, scaled to the size of
+    # the tower's features and concatenated to them before the connector (0 = off, as TinyLLaVA). The tiny preset's from-scratch tower keeps
     # little of where a patch is (row 1.9 %, column 0.3 % of its output variance after 6400 stage-0 steps) and the
     # decoder never learnt to say left or right (docs/baseline.md, "Left and right"); a pretrained tower needs none.
     position_dims: int = 0

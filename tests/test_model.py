@@ -399,8 +399,9 @@ def test_sincos_needs_a_width_divisible_by_4():
 
 
 def test_connector_position_code(tmp_path):
-    """connector.position_dims concatenates a fixed 2-D sine-cosine code to the tower's features: the connector
-    input is wider, equal patches at different places give different rows, and the code is not saved (rebuilt)."""
+    """connector.position_dims concatenates a fixed 2-D sine-cosine code, scaled to the features' per-channel
+    size, to the tower's features: the connector input is wider, equal patches at different places give different
+    rows, and the code is not saved (rebuilt)."""
     from qtllava.model.vision import sincos_2d
 
     cfg = micro_cfg()
@@ -413,7 +414,9 @@ def test_connector_position_code(tmp_path):
         feats = client.vision_tower(torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size))
         rows = client.image_features(torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size))
         # the same tower rows through the connector with the code of patch 0 everywhere: only patch 0 agrees
-        same = client.connector(torch.cat([feats, client.image_position[:1].expand(1, feats.shape[1], -1)], -1))
+        code = client.image_position[:1].expand(1, feats.shape[1], -1)
+        scale = feats.pow(2).mean(-1, keepdim=True).sqrt() / client.image_position.pow(2).mean().sqrt()
+        same = client.connector(torch.cat([feats, code * scale], -1))
     torch.testing.assert_close(rows[0, 0], same[0, 0])
     assert not torch.allclose(rows[0, 1:], same[0, 1:])
     client.save_pretrained(tmp_path / "client")
