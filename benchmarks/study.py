@@ -82,10 +82,15 @@ def run(cmd: list[str], logfile: Path, env: dict | None = None) -> int:
 REFERENCE = Path("runs/baseline")  # the 16-bit baseline benchmark's run = fp16, seed 0
 
 
-def job_dir(out: Path, name: str, seed: int) -> Path:
-    if (name, seed) == ("fp16", 0) and (REFERENCE / "eval.json").exists():
+def job_dir(out: Path, name: str, seed: int, base: Path) -> Path:
+    """Where a run lives; fp16 seed 0 is the baseline benchmark's run when the study starts from its base."""
+    if (name, seed) == ("fp16", 0) and _uses_reference(base) and (REFERENCE / "eval.json").exists():
         return REFERENCE
     return out / name / f"seed{seed}"
+
+
+def _uses_reference(base: Path) -> bool:
+    return base.resolve() == (REFERENCE / "stage0" / "final").resolve()
 
 
 def _metrics(stage_dir: Path) -> dict:
@@ -100,10 +105,10 @@ def _metrics(stage_dir: Path) -> dict:
             "steps": len(rows), "seconds": sum(r["seconds"] for r in rows)}
 
 
-def collect(out: Path) -> list[dict]:
+def collect(out: Path, base: Path) -> list[dict]:
     rows = []
     for name, seed in ORDER:
-        d = job_dir(out, name, seed)
+        d = job_dir(out, name, seed, base)
         if not (d / "eval.json").exists():
             continue
         ev = json.loads((d / "eval.json").read_text())
@@ -201,10 +206,10 @@ def main() -> None:
 
     def one(job):
         name, seed = job
-        d = job_dir(out, name, seed)
+        d = job_dir(out, name, seed, base)
         if (d / "eval.json").exists():
             return name, seed, 0, 0.0
-        if (name, seed) == ("fp16", 0) and base == REFERENCE / "stage0" / "final":
+        if (name, seed) == ("fp16", 0) and _uses_reference(base):
             log.info("fp16 seed 0 is the baseline benchmark's run (%s); not trained again", REFERENCE)
             return name, seed, 0, 0.0
         t0 = time.perf_counter()
@@ -218,8 +223,9 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.workers) as pool:
             for name, seed, rc, _ in pool.map(one, jobs):
                 if rc:
-                    log.error("%s seed %d failed; see %s", name, seed, job_dir(out, name, seed).with_suffix(".log"))
-    rows = collect(out)
+                    log.error("%s seed %d failed; see %s", name, seed,
+                              job_dir(out, name, seed, base).with_suffix(".log"))
+    rows = collect(out, base)
     how = (f"Command: `python benchmarks/study.py --config {args.config}` ({len(rows)} runs); preset {args.config}; "
            f"steps {', '.join(STUDY_STEPS[:3])}; base {base}; machine {platform.machine()} "
            f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
