@@ -226,7 +226,9 @@ def main() -> None:
                     log.error("%s seed %d failed; see %s", name, seed,
                               job_dir(out, name, seed, base).with_suffix(".log"))
     rows = collect(out, base)
-    how = (f"Command: `python benchmarks/study.py --config {args.config}` ({len(rows)} runs); preset {args.config}; "
+    flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "")
+    how = (f"Command: `python benchmarks/study.py --config {args.config}{flags}` ({len(rows)} runs); "
+           f"preset {args.config}; "
            f"steps {', '.join(STUDY_STEPS[:3])}; base {base}; machine {platform.machine()} "
            f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
            "(shape-mme: summed MME score); bits per element are payload bits actually sent per feature element in "
