@@ -72,11 +72,11 @@ class ClientPart(nn.Module):
         dim = embed_tokens.embedding_dim
         self.vision_tower = vision_tower
         pos = cfg.connector.position_dims
-        self.connector = build_connector(cfg.connector, vision_tower.hidden_size + pos, dim)
         grid = math.isqrt(vision_tower.num_tokens)
         if pos and (pos % 4 or grid * grid != vision_tower.num_tokens):
             raise ValueError(f"connector.position_dims={pos} needs a multiple of 4 and a square patch grid "
                              f"({vision_tower.num_tokens} image tokens)")
+        self.connector = build_connector(cfg.connector, vision_tower.hidden_size + pos, dim)
         # fixed, so not saved: (num_image_tokens, position_dims), or an empty table when off
         self.register_buffer("image_position", sincos_2d(grid, pos) if pos else torch.zeros(0), persistent=False)
         self.embed_tokens = embed_tokens
