@@ -57,7 +57,7 @@ class Sandbox:
                              -1)
         self.connector = nn.Sequential(nn.Linear(FEAT_DIM + POS_DIM, width), nn.GELU(), nn.Linear(width, width))
         self.params = list(self.model.parameters()) + list(self.connector.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.types = args.types.split(",")
 
     def scene(self) -> tuple[torch.Tensor, list[tuple[bool, bool, int]]]:
@@ -142,6 +142,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--turns", type=int, default=1, help="question turns per sequence")
     p.add_argument("--batch", type=int, default=16)

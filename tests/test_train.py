@@ -45,6 +45,32 @@ def test_every_stage_trains_and_chains(data_root, tmp_path):
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["samples_per_s"] > 0 for r in rows)
 
 
+def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_path):
+    """Stage 1 starts its fsq text codec from a least-squares fit on the base's embedding table: the decoded rows
+    come back at the table's own scale (a fresh decoder would hand the LLM standardised rows), and a server-only
+    process fits the same decoder as a process holding both halves."""
+    from qtllava.train.loop import stage_parts
+
+    cfg = load_config("micro", ["train.stage0.steps=2"])
+    r0 = run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)
+    fsq = [f"compress.{m}.{k}={v}" for m in ("image", "text") for k, v in (("name", '"fsq"'), ("levels", 2))]
+    cfg1 = load_config("micro", fsq)
+    _, _, client, server = stage_parts(cfg1, "stage1", data_root, r0.final)
+    table = client.embed_tokens.weight.detach()
+    with torch.no_grad():
+        rows = server.text_codec(client.text_codec(table).values)
+    err = float(((rows - table) ** 2).sum() / (table ** 2).sum())
+    assert err < 0.5, err
+    assert rows.std() == pytest.approx(table.std(), rel=0.5)
+    _, _, _, server_only = stage_parts(cfg1, "stage1", data_root, r0.final, sides=("server",))
+    assert torch.equal(server_only.text_codec.proj.weight, server.text_codec.proj.weight)
+    # without the fit (what a fresh decoder does) the rows come back tens of times too large
+    _, _, c_raw, s_raw = stage_parts(cfg1, "stage1", data_root, None)
+    with torch.no_grad():
+        raw = s_raw.text_codec(c_raw.text_codec(table).values)
+    assert raw.std() > 5 * table.std()
+
+
 def test_loss_decreases_on_a_fixed_batch_budget(data_root, tmp_path):
     cfg = load_config("micro", ["train.stage0.steps=30", "train.stage0.lr=3e-3", "train.checkpoint_every=0"])
     run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)

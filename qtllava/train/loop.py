@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from safetensors import safe_open
+
+from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, load_tokenizer
 from qtllava.model.parts import ClientPart, ServerPart, build_parts
@@ -33,7 +36,7 @@ from qtllava.wire.loopback import LoopbackLink
 from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "stage_parts", "stage_batches", "client_head", "STAGES"]
+           "sample_indices", "stage_parts", "fit_text_decoder", "stage_batches", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,36 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
             load_part_weights(client, init / "client", ClientPart, rec.fresh)
         if "server" in sides:
             load_part_weights(server, init / "server", ServerPart, rec.fresh)
+        if "text_codec" in rec.fresh:
+            fit_text_decoder(client, server, init / "client")
     return scfg, tok, client, server
+
+
+def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_rows: int = 16384) -> float | None:
+    """Warm start of a fresh learned text codec: the server's decoder fitted by least squares on the token rows.
+
+    The normalisation removes each row's scale, so a fresh decoder hands the LLM standardised rows (std ~1 per
+    element), while the base LLM was trained on the embedding table's own scale (tiny preset: std 0.024, ~40x
+    smaller). Left so, the text rows swamp the residual stream of the frozen stage-1 LLM and stage 2 has to undo it
+    (measured: L = 2 text codes lost the yes/no existence questions, docs/baseline.md "Text rows at 1 bit"). What
+    the text codec encodes at the start of a stage is exactly the rows of the pretrained embedding table (a public
+    part of the pretrained weights, read from `folder`), so both processes of a split run fit the same decoder
+    from the same table without anything private crossing. Only `fsq` has a learned decoder; other codecs keep
+    the scale themselves. Returns the relative squared error of the fit, or None when nothing was fitted.
+    """
+    if not isinstance(client.text_codec, FsqEncoder) or not isinstance(server.text_codec, FsqDecoder):
+        return None
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: a fresh fsq text codec is fitted on the pretrained token-embedding table, "
+                                "which this file should hold (the client half of the stage's init checkpoint)")
+    with safe_open(str(path), framework="pt") as f:
+        if "embed_tokens.weight" not in f.keys():
+            raise ValueError(f"{path}: no embed_tokens.weight to fit the text decoder on")
+        table = f.get_tensor("embed_tokens.weight")
+    rows = table[:: max(1, -(-table.shape[0] // max_rows))]  # a strided subset of very large vocabularies
+    device = client.text_codec.proj.weight.device
+    return fit_decoder(client.text_codec, server.text_codec, rows.to(device=device, dtype=torch.float32))
 
 
 def client_head(server: ServerPart, init: str | Path | None) -> ClientHead:
