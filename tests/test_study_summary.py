@@ -1,0 +1,39 @@
+"""benchmarks/study.py's summary: means over seeds, differences to fp16 in points, verdicts against the targets."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("bench_study", Path(__file__).parents[1] / "benchmarks" / "study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(config, seed, vqa, mme):
+    return {"config": config, "seed": seed, "suites": {"soc-vqa": vqa, "shape-mme": mme},
+            "chance_or_majority": {"soc-vqa": 50.0, "shape-mme": 400.0},
+            "uplink_bits_per_element": 16.0 if config == "fp16" else 0.2, "total_fraction_of_fp16": 1.0}
+
+
+def test_summary_means_deltas_and_verdicts(study):
+    rows = [_row("fp16", 0, 60.0, 380.0), _row("fp16", 1, 62.0, 388.0),
+            _row("fsq-L4-ans", 0, 58.0, 380.0), _row("fsq-L4-ans", 1, 60.0, 372.0),
+            _row("fsq-L2-ans", 0, 58.5, 300.0)]
+    items = {it["config"]: it for it in study.summary(rows)}
+    vqa = items["fsq-L4-ans"]["suites"]["soc-vqa"]
+    assert vqa["mean"] == pytest.approx(59.0) and vqa["range"] == pytest.approx(2.0)
+    assert vqa["delta_vs_fp16"] == pytest.approx(-2.0)
+    assert vqa["within_target"] is False and vqa["within_seed_spread"] is True  # 2 points below, ranges are 2
+    assert vqa["fp16_above_chance_and_majority"] is True
+    # MME in percent of its maximum 800: fp16 384 -> 48 %, fsq 376 -> 47 %: one point below, on the edge
+    mme = items["fsq-L4-ans"]["suites"]["shape-mme"]
+    assert mme["delta_vs_fp16"] == pytest.approx(-1.0) and mme["within_target"] is True
+    assert mme["fp16_above_chance_and_majority"] is False  # 384 < 400: guesses against guesses
+    l2 = items["fsq-L2-ans"]["suites"]["soc-vqa"]
+    assert l2["delta_vs_fp16"] == pytest.approx(-2.5) and l2["within_target"] is True  # L = 2 may lose 3 points
+    assert "~" in study.summary_table(list(items.values()))
