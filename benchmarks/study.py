@@ -250,6 +250,12 @@ def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
     return text
 
 
+def _effective_steps(overrides: list[str]) -> list[str]:
+    """The stage step counts that `overrides` leave in force (a later override of a key wins)."""
+    last = {o.split("=", 1)[0]: o for o in overrides if o.startswith("train.stage") and ".steps=" in o}
+    return [last[k] for k in sorted(last)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
@@ -302,7 +308,7 @@ def main() -> None:
     flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "")
     how = (f"Command: `python benchmarks/study.py --config {args.config}{flags}` ({len(rows)} runs); "
            f"preset {args.config}; "
-           f"steps {', '.join(STUDY_STEPS[:3])}; base {base}; machine {platform.machine()} "
+           f"steps {', '.join(_effective_steps(STUDY_STEPS + args.set))}; base {base}; machine {platform.machine()} "
            f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
            "(shape-mme: summed MME score); bits per element are payload bits actually sent per feature element in "
            "stage 2; bytes per sample are whole serialized messages per training sample in stage 2; wall s = stages 1 "
