@@ -62,6 +62,11 @@ def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_
     err = float(((rows - table) ** 2).sum() / (table ** 2).sum())
     assert err < 0.5, err
     assert rows.std() == pytest.approx(table.std(), rel=0.5)
+    # the fit is stored as out_scale x proj, proj as large as a fresh decoder's, so Adam's steps stay relative
+    dec = server.text_codec
+    fresh = dec.width * dec.d_code ** 0.5
+    assert float(torch.linalg.matrix_norm(dec.proj.weight.detach())) == pytest.approx(fresh, rel=1e-4)
+    assert float(dec.out_scale) < 0.2
     _, _, _, server_only = stage_parts(cfg1, "stage1", data_root, r0.final, sides=("server",))
     assert torch.equal(server_only.text_codec.proj.weight, server.text_codec.proj.weight)
     # without the fit (what a fresh decoder does) the rows come back tens of times too large

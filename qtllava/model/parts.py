@@ -158,7 +158,7 @@ class ClientPart(nn.Module):
         tower = VisionTower.from_hf_config(cfg.vision, meta["vision_config"])
         embed = nn.Embedding(meta["vocab_size"], meta["hidden_size"])
         part = cls(cfg, tower, embed, meta["image_token_id"])
-        load_model(part, str(path / WEIGHTS_NAME), strict=True)
+        _load_weights(part, path)
         return part
 
 
@@ -320,7 +320,7 @@ class ServerPart(nn.Module):
         hf = LLM_KINDS[model_type].config_class.from_dict(llm_cfg)
         # The random table built here is dropped by the constructor at once; only the head and decoder load.
         part = cls(cfg, llm_from_hf_config(hf))
-        load_model(part, str(path / WEIGHTS_NAME), strict=True)
+        _load_weights(part, path)
         return part
 
 
@@ -356,6 +356,16 @@ def _save(module: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     save_model(module, str(path / WEIGHTS_NAME), metadata={"format": "pt", "qtllava_part": meta["part"]})
+
+
+def _load_weights(part: nn.Module, path: Path) -> None:
+    """Load `model.safetensors` into `part`; every weight must be there, except the fsq decoders' `out_scale`
+    buffers, which checkpoints written before they existed lack (they keep 1: those decoders had no scale)."""
+    missing, unexpected = load_model(part, str(path / WEIGHTS_NAME), strict=False)
+    missing = [k for k in missing if not k.endswith("codec.out_scale")]
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the configuration: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 def _load_meta(path: Path, part: str) -> dict[str, Any]:
