@@ -19,14 +19,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from safetensors import safe_open
+from tqdm import tqdm
 
 from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, load_tokenizer
-from qtllava.model.parts import ClientPart, ServerPart, build_parts
+from qtllava.model.parts import WEIGHTS_NAME, ClientPart, ServerPart, build_parts
 from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import recipe, set_seed, stage_compress
 from qtllava.train.server_runtime import ServerRuntime
@@ -137,7 +136,7 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
             load_part_weights(client, init / "client", ClientPart, rec.fresh)
         if "server" in sides:
             load_part_weights(server, init / "server", ServerPart, rec.fresh)
-        if "text_codec" in rec.fresh:
+        if "text_codec" in rec.fresh and "server" in sides:  # a client-only process drops the server half
             fit_text_decoder(client, server, init / "client")
     return scfg, tok, client, server
 
@@ -148,15 +147,15 @@ def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_r
     The normalisation removes each row's scale, so a fresh decoder hands the LLM standardised rows (std ~1 per
     element), while the base LLM was trained on the embedding table's own scale (tiny preset: std 0.024, ~40x
     smaller). Left so, the text rows swamp the residual stream of the frozen stage-1 LLM and stage 2 has to undo it
-    (measured: L = 2 text codes lost the yes/no existence questions, docs/baseline.md "Text rows at 1 bit"). What
-    the text codec encodes at the start of a stage is exactly the rows of the pretrained embedding table (a public
-    part of the pretrained weights, read from `folder`), so both processes of a split run fit the same decoder
-    from the same table without anything private crossing. Only `fsq` has a learned decoder; other codecs keep
+    (measured: L = 2 text codes lost the yes/no existence questions; docs/study.md). What the text codec encodes at
+    the start of a stage is exactly the rows of the pretrained embedding table (a public part of the pretrained
+    weights, read from `folder`), so the server process fits its decoder from that file alone, with nothing
+    private crossing, and gets what a single process gets. Only `fsq` has a learned decoder; other codecs keep
     the scale themselves. Returns the relative squared error of the fit, or None when nothing was fitted.
     """
     if not isinstance(client.text_codec, FsqEncoder) or not isinstance(server.text_codec, FsqDecoder):
         return None
-    path = folder / "model.safetensors"
+    path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: a fresh fsq text codec is fitted on the pretrained token-embedding table, "
                                 "which this file should hold (the client half of the stage's init checkpoint)")
