@@ -157,13 +157,18 @@ class FsqEncoder(ClientCodec):
         self.last_stats: dict[str, float] = {}  # distortion and rate (bits/element) of the last call, for logging
         _init_encoder(self.proj)
 
-    def forward(self, x: torch.Tensor) -> Encoded:
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows (N, D) -> (z, z_hat, indices): the normalised code before rounding, its level values (straight-
+        through) and the level indices; no entropy coding."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"fsq encoder expects rows (N, {self.dim}), got {tuple(x.shape)}")
         # statistics, levels and the values handed on are float32 whatever the model dtype, so that they equal
         # what the server dequantizes
         z = robust_normalize(self.proj(x).float(), self.width, self.over)
-        z_hat, idx = quantize_indices(z, self.levels)
+        return (z, *quantize_indices(z, self.levels))
+
+    def forward(self, x: torch.Tensor) -> Encoded:
+        z, z_hat, idx = self.quantize(x)
         if z.shape[0]:
             distortion = (1.0 - F.cosine_similarity(z, z_hat.detach(), dim=-1, eps=1e-8)).mean()
         else:
@@ -251,7 +256,7 @@ def fit_decoder(client: FsqEncoder, server: FsqDecoder, x: torch.Tensor, ridge: 
     map is stored as out_scale x proj with proj as large as a fresh decoder's (width x identity in Frobenius norm),
     so training moves it no faster than a fresh one. Returns the relative squared error after the fit.
     """
-    v = client(x).values.to(torch.float64)
+    v = client.quantize(x)[1].to(torch.float64)  # the values the server would dequantize; no coding needed
     a = torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype, device=v.device)], dim=1)
     target = x.to(torch.float64)
     gram = a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
