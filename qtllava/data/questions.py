@@ -31,6 +31,7 @@ __all__ = [
     "MME_SUBTASKS",
     "soc_question",
     "soc_mc_question",
+    "as_multiple_choice",
     "glyph_question",
     "glyph_color_question",
     "pope_questions",
@@ -208,20 +209,20 @@ def _mc_candidates(qtype: str, scene: Scene, qa: QA) -> list[str]:
 def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | None:
     """A multiple-choice version: 2-5 shuffled options (lettered A-E) that include the correct one."""
     qa = soc_question(scene, qtype, rng)
-    if qa is None:
-        return None
-    cands = _mc_candidates(qtype, scene, qa)
+    return None if qa is None else as_multiple_choice(qa, scene, rng)
+
+
+def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator) -> QA:
+    """The multiple-choice form of a free-form Sort-of-CLEVR question (a new QA; `qa` is left as it is)."""
+    cands = _mc_candidates(qa.type, scene, qa)
     # two-candidate types (shape, yes/no) give 2 options; the others 3-5, so every option count is common
     k = 2 if len(cands) == 2 else int(rng.integers(3, min(5, len(cands)) + 1))
     wrong = [c for c in cands if c != qa.answer]
     opts = [qa.answer] + [wrong[int(i)] for i in rng.choice(len(wrong), size=k - 1, replace=False)]
     opts = [opts[int(i)] for i in rng.permutation(k)]
-    letter = LETTERS[opts.index(qa.answer)]
     lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
-    qa.text = f"{qa.question}\n{lines}\n{MC_INSTRUCTION}"
-    qa.extra = {"choices": opts, "answer_text": qa.answer}
-    qa.answer = letter
-    return qa
+    return QA(qa.type, qa.question, LETTERS[opts.index(qa.answer)], text=f"{qa.question}\n{lines}\n{MC_INSTRUCTION}",
+              category=qa.category, extra={**qa.extra, "choices": opts, "answer_text": qa.answer})
 
 
 # --- glyphs ------------------------------------------------------------------------------------------------
