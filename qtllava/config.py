@@ -115,6 +115,8 @@ class CodecConfig:
     d_code: code width of `fsq`; 0 means the model width D.
     bits: bits per element for `nf` (2, 3, 4) and the budget for `topk`.
     coder: index coding for `fsq`: "pack" (fixed width) or "ans" (constriction).
+    send_stats: `fsq` sends each row's normalisation mean and std (fp16, 32 bits per row) so that the server puts
+        the levels back at the row's scale; False is the paper's codec, which sends none (docs/study.md).
     """
 
     name: str = "identity"
@@ -127,6 +129,7 @@ class CodecConfig:
     rate_weight: float = 0.0
     bits: int = 2
     coder: str = "pack"
+    send_stats: bool = True
 
 
 @dataclass

@@ -177,7 +177,8 @@ def test_fsq_distortion_loss_value():
 
 
 def test_fsq_fresh_codec_is_close_to_standardisation_and_fit_decoder_restores_scale():
-    client, server = build_codec(CodecConfig(name="fsq", levels=16), DIM)
+    # the paper's codec: no statistics sent, so a fresh round trip can only return standardised rows
+    client, server = build_codec(CodecConfig(name="fsq", levels=16, send_stats=False), DIM)
     x = rows(200, scale=0.02) + 0.05
     out = server.decode(client(x).packet)
     std = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True, correction=0)
@@ -186,6 +187,33 @@ def test_fsq_fresh_codec_is_close_to_standardisation_and_fit_decoder_restores_sc
     assert err < 0.05
     out = server.decode(client(x).packet)
     assert ((out - x) ** 2).sum() / (x ** 2).sum() < 0.05
+
+
+@pytest.mark.parametrize("over", ["sample", "batch"])
+def test_fsq_sent_statistics_keep_each_rows_scale_and_both_sides_agree_bit_for_bit(over):
+    client, server = build_codec(CodecConfig(name="fsq", levels=16, coder="ans", norm_over=over), DIM)
+    # rows of very different scales and offsets: without statistics they would all decode alike
+    x = rows(64) * torch.logspace(-2, 1, 64)[:, None] + torch.linspace(-1, 1, 64)[:, None]
+    enc = client(x)
+    got = server.dequantize(Packet.from_bytes(enc.packet.to_bytes()))
+    assert torch.equal(got, enc.values.detach())  # what the client applies the server's gradient to
+    n_stats = 64 if over == "sample" else 1
+    plain = build_codec(CodecConfig(name="fsq", levels=16, coder="ans", norm_over=over, send_stats=False), DIM)[0]
+    assert len(enc.packet.side) == len(plain(x).packet.side) + 4 * n_stats  # two fp16 numbers per row (or packet)
+    out = server(got).detach()  # a fresh decoder is the identity: the rows come back at their own scale
+    if over == "sample":
+        assert float((((out - x) ** 2).sum(1) / (x ** 2).sum(1)).max()) < 0.05
+    else:  # one pair for the packet: the smallest rows are lost in its levels, the largest clipped at 3 sigma
+        assert float(((out - x) ** 2).sum() / (x ** 2).sum()) < 0.2
+    # the gradient reaches the rows' scale and offset too: d sum(values) / dx is about 1 everywhere
+    xr = x.clone().requires_grad_(True)
+    client(xr).values.sum().backward()
+    assert abs(float(xr.grad.mean()) - 1.0) < 0.05
+    # a packet whose statistics were cut off is refused, not misread
+    cut = Packet(codec="fsq", shape=enc.packet.shape, payload=enc.packet.payload, side=enc.packet.side[:4 * n_stats - 1],
+                 levels=16, coder="ans")
+    with pytest.raises(PacketError, match="statistics"):
+        server.dequantize(cut)
 
 
 def test_fsq_rate_term_is_differentiable_and_tracks_entropy():
@@ -205,7 +233,7 @@ def test_fsq_pack_bits_and_ans_smaller_on_gaussian_rows():
     for coder in ("pack", "ans"):
         client, _ = build_codec(CodecConfig(name="fsq", levels=4, coder=coder), DIM)
         p = client(x).packet
-        sizes[coder] = len(p.payload) + len(p.side)
+        sizes[coder] = len(p.payload) + len(p.side) - 256 * 4  # less the rows' fp16 mean and std
     assert sizes["pack"] == 256 * DIM * 2 // 8
     assert sizes["ans"] < 0.7 * sizes["pack"]
 

@@ -54,7 +54,7 @@ def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_
     cfg = load_config("micro", ["train.stage0.steps=2"])
     r0 = run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)
     fsq = [f"compress.{m}.{k}={v}" for m in ("image", "text") for k, v in (("name", '"fsq"'), ("levels", 2))]
-    cfg1 = load_config("micro", fsq)
+    cfg1 = load_config("micro", fsq + [f"compress.{m}.send_stats=false" for m in ("image", "text")])  # the paper's
     _, _, client, server = stage_parts(cfg1, "stage1", data_root, r0.final)
     table = client.embed_tokens.weight.detach()
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_
     assert rows.std() == pytest.approx(table.std(), rel=0.5)
     # the fit is stored as out_scale x proj, proj as large as a fresh decoder's, so Adam's steps stay relative
     dec = server.text_codec
-    fresh = dec.width * dec.d_code ** 0.5
+    fresh = dec.init_gain * dec.d_code ** 0.5
     assert float(torch.linalg.matrix_norm(dec.proj.weight.detach())) == pytest.approx(fresh, rel=1e-4)
     assert float(dec.out_scale) < 0.2
     _, _, _, server_only = stage_parts(cfg1, "stage1", data_root, r0.final, sides=("server",))
@@ -74,6 +74,11 @@ def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_
     with torch.no_grad():
         raw = s_raw.text_codec(c_raw.text_codec(table).values)
     assert raw.std() > 5 * table.std()
+    # our default sends each row's mean and std: a fresh codec pair already returns the table at its own scale
+    _, _, c_st, s_st = stage_parts(load_config("micro", fsq), "stage1", data_root, None)
+    with torch.no_grad():
+        kept = s_st.text_codec(c_st.text_codec(table).values)
+    assert float(kept.std()) == pytest.approx(float(table.std()), rel=0.2)
 
 
 def test_loss_decreases_on_a_fixed_batch_budget(data_root, tmp_path):

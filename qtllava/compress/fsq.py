@@ -2,7 +2,7 @@
 
 Client: x (N, D) -> Linear(D -> d_code) -> robust normalisation onto [-1, 1] -> L uniform levels (both endpoints
 included) with a straight-through estimator -> indices, coded by `pack` (ceil(log2 L) bits each) or `ans`.
-Server: indices -> level values (N, d_code) -> Linear(d_code -> D).
+Server: indices -> level values (N, d_code) [-> rows rescaled by the sent statistics] -> Linear(d_code -> D).
 
 Loss terms returned as `aux_loss` (added to the client's loss):
 - distortion: mean over rows of 1 - cos(z_n, stopgrad(q(z_n))), where z_n is the normalised encoder output (the
@@ -17,7 +17,17 @@ Loss terms returned as `aux_loss` (added to the client's loss):
 Normalisation statistics: `over="sample"` uses each row's own mean and standard deviation (population std over the
 d_code channels of that token), so a token's codes never depend on other tokens, other samples or the batch size;
 this is our reading of DESIGN's per-sample statistics for a codec that sees rows of several samples. `over="batch"`
-uses one mean/std pair over the whole (N, d_code) tensor, as the paper does. Statistics are not sent.
+uses one mean/std pair over the whole (N, d_code) tensor, as the paper does.
+
+Sending the statistics (`send_stats`, our default; the paper sends none): each row's mean and std go in the
+packet's side information as two fp16 numbers (32 bits per row: 0.125 bits per element at d_code = 256, 0.036 at
+896), and the server dequantizes each row of levels to that mean and std (`restore_stats`), i.e. back to the
+encoder's output scale. Without
+them the normalisation drops each row's scale and position for good: a fresh decoder hands the LLM standardised
+rows whatever the scale it was trained on (image rows reached the tiny LLM 3.4x too small, text rows 40-120x too
+large; docs/study.md), and rows that differ only in scale (an object patch against the white canvas) look alike.
+On the client the sent values are computed from the same fp16 numbers, so both sides hold bit-equal values, and
+the gradient flows to the encoder through the statistics as well as through the levels (straight-through).
 """
 
 from __future__ import annotations
@@ -30,12 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtllava.compress.base import ClientCodec, Encoded, Packet, PacketError, ServerCodec, register_codec
+from qtllava.compress.base import (ClientCodec, Encoded, Packet, PacketError, ServerCodec, bytes_to_float,
+                                   float_to_bytes, register_codec)
 from qtllava.compress.coding import CodingError, ans_decode, ans_encode, pack_indices, unpack_indices
 from qtllava.config import CodecConfig
 
 __all__ = [
     "robust_normalize",
+    "normalization_stats",
+    "restore_stats",
     "level_values",
     "quantize_indices",
     "soft_rate_bits",
@@ -53,26 +66,32 @@ CODERS = ("pack", "ans")
 NORM_OVER = ("sample", "batch")
 _RATE_SAMPLE = 1 << 16  # elements used by the soft rate estimate (a fixed strided subset of larger tensors)
 _RATE_KERNEL = 0.25  # soft-assignment kernel width, in units of the level spacing
+_FP16_MAX = 65504.0
 
 
-def robust_normalize(x: torch.Tensor, width: float = 3.0, over: str = "sample", eps: float = 1e-8) -> torch.Tensor:
+def normalization_stats(x: torch.Tensor, over: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of the robust normalisation of x (..., C): per row over the last axis (shapes (..., 1)) for
+    over="sample", one pair over the whole tensor (0-d) for over="batch"; sigma is the population std."""
+    if over == "sample":
+        return x.mean(dim=-1, keepdim=True), x.std(dim=-1, keepdim=True, correction=0)
+    if over == "batch":
+        return x.mean(), x.std(correction=0)
+    raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
+
+
+def robust_normalize(x: torch.Tensor, width: float = 3.0, over: str = "sample", eps: float = 1e-8,
+                     stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Clip to mean +- width * std and map linearly onto [-1, 1]: clamp((x - mu) / (width * sigma), -1, 1).
 
     x: (..., C). over="sample": mu, sigma per row over the last axis (each token alone); over="batch": one pair over
-    the whole tensor (the paper). sigma is the population std; a constant row maps to 0. Differentiable.
+    the whole tensor (the paper). sigma is the population std; a constant row maps to 0. Differentiable. `stats`:
+    (mu, sigma) already computed by `normalization_stats(x, over)`.
     """
-    if x.numel() == 0:
-        if over not in NORM_OVER:
-            raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
-        return x * 1.0
-    if over == "sample":
-        mu = x.mean(dim=-1, keepdim=True)
-        sigma = x.std(dim=-1, keepdim=True, correction=0)
-    elif over == "batch":
-        mu = x.mean()
-        sigma = x.std(correction=0)
-    else:
+    if over not in NORM_OVER:
         raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
+    if x.numel() == 0:
+        return x * 1.0
+    mu, sigma = stats if stats is not None else normalization_stats(x, over)
     return ((x - mu) / (width * sigma).clamp_min(eps)).clamp(-1.0, 1.0)
 
 
@@ -142,35 +161,46 @@ def decode_indices(payload: bytes, side: bytes, levels: int, coder: str, shape: 
 
 
 class FsqEncoder(ClientCodec):
-    """Client half: rows (N, D) -> Linear -> robust normalisation -> L levels -> coded indices."""
+    """Client half: rows (N, D) -> Linear -> robust normalisation -> L levels -> coded indices (+ the statistics)."""
 
     codec_name = "fsq"
 
     def __init__(self, dim: int, d_code: int, levels: int, coder: str = "pack", over: str = "sample",
-                 width: float = 3.0, distortion_weight: float = 0.25, rate_weight: float = 0.0):
+                 width: float = 3.0, distortion_weight: float = 0.25, rate_weight: float = 0.0,
+                 send_stats: bool = True):
         super().__init__()
         _check_args(levels, coder, over)
         self.dim, self.d_code, self.levels, self.coder = dim, d_code, levels, coder
-        self.over, self.width = over, width
+        self.over, self.width, self.send_stats = over, width, send_stats
         self.distortion_weight, self.rate_weight = distortion_weight, rate_weight
         self.proj = nn.Linear(dim, d_code)
         self.last_stats: dict[str, float] = {}  # distortion and rate (bits/element) of the last call, for logging
         _init_encoder(self.proj)
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows (N, D) -> (z, z_hat, indices): the normalised code before rounding, its level values (straight-
-        through) and the level indices; no entropy coding."""
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bytes]:
+        """Rows (N, D) -> (z, values, indices, stats): the normalised code before rounding, the values the server
+        will dequantize (straight-through: level values, or with `send_stats` the levels put back at each row's
+        mean and scale), the level indices, and the statistics' wire bytes (b"" without `send_stats`). No entropy
+        coding."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"fsq encoder expects rows (N, {self.dim}), got {tuple(x.shape)}")
         # statistics, levels and the values handed on are float32 whatever the model dtype, so that they equal
         # what the server dequantizes
-        z = robust_normalize(self.proj(x).float(), self.width, self.over)
-        return (z, *quantize_indices(z, self.levels))
+        e = self.proj(x).float()
+        if not self.send_stats or e.shape[0] == 0:
+            z = robust_normalize(e, self.width, self.over)
+            return (z, *quantize_indices(z, self.levels), b"")
+        mu, sigma = (_as_sent(t) for t in normalization_stats(e, self.over))
+        z = robust_normalize(e, self.width, self.over, stats=(mu, sigma))
+        z_hat, idx = quantize_indices(z, self.levels)
+        wire = float_to_bytes(torch.stack(torch.broadcast_tensors(mu, sigma), dim=-1).reshape(-1, 2), "fp16")
+        return z, restore_stats(z_hat, mu, sigma, self.over), idx, wire
 
     def forward(self, x: torch.Tensor) -> Encoded:
-        z, z_hat, idx = self.quantize(x)
+        z, values, idx, stats_bytes = self.quantize(x)
+        z_hat = level_values(self.levels, device=z.device)[idx.long()] if self.send_stats else values.detach()
         if z.shape[0]:
-            distortion = (1.0 - F.cosine_similarity(z, z_hat.detach(), dim=-1, eps=1e-8)).mean()
+            distortion = (1.0 - F.cosine_similarity(z, z_hat, dim=-1, eps=1e-8)).mean()
         else:
             distortion = z.sum() * 0.0
         aux = self.distortion_weight * distortion
@@ -181,38 +211,72 @@ class FsqEncoder(ClientCodec):
             stats["rate_bits"] = float(rate.detach())
         self.last_stats = stats
         payload, side = encode_indices(idx.cpu().numpy(), self.levels, self.coder)
-        packet = Packet(codec=self.codec_name, shape=(int(x.shape[0]), self.d_code), payload=payload, side=side,
-                        levels=self.levels, coder=self.coder)
-        return Encoded(packet, aux, z_hat)
+        packet = Packet(codec=self.codec_name, shape=(int(x.shape[0]), self.d_code), payload=payload,
+                        side=stats_bytes + side, levels=self.levels, coder=self.coder)
+        return Encoded(packet, aux, values)
 
 
 class FsqDecoder(ServerCodec):
-    """Server half: packet -> level values (N, d_code) -> Linear(d_code -> D). Decodes `pack` and `ans` packets."""
+    """Server half: packet -> level values (N, d_code) [rescaled by the sent statistics] -> Linear(d_code -> D).
+    Decodes `pack` and `ans` packets."""
 
     codec_name = "fsq"
 
-    def __init__(self, dim: int, d_code: int, levels: int, width: float = 3.0):
+    def __init__(self, dim: int, d_code: int, levels: int, width: float = 3.0, over: str = "sample",
+                 send_stats: bool = True):
         super().__init__()
-        _check_args(levels, "pack", "sample")
+        _check_args(levels, "pack", over)
         self.dim, self.d_code, self.levels, self.width = dim, d_code, levels, width
+        self.over, self.send_stats = over, send_stats
+        # a fresh round trip returns the encoder's rows (with the statistics) or standardised rows (without)
+        self.init_gain = 1.0 if send_stats else width
         self.proj = nn.Linear(d_code, dim)
         # Output scale, fixed (not trained): 1 for a fresh decoder; a least-squares warm start (`fit_decoder`) puts
         # the scale of its target rows here and keeps `proj` at the size of a fresh one, so that the optimizer's
         # steps (Adam: ~lr per weight, whatever the weight's size) stay small against the weights. Fitted straight
         # into `proj`, a text decoder (rows of std 0.024) was undone within the 300 steps of stage 1 (docs/study.md).
         self.register_buffer("out_scale", torch.ones(()))
-        _init_decoder(self.proj, width)
+        _init_decoder(self.proj, self.init_gain)
 
     def dequantize(self, packet: Packet) -> torch.Tensor:
         self.check(packet, self.d_code)
         if packet.levels != self.levels:
             raise PacketError(f"fsq packet has L = {packet.levels}, this decoder expects L = {self.levels}")
-        idx = decode_indices(packet.payload, packet.side, packet.levels, packet.coder, packet.shape)
+        n_stats = 0
+        if self.send_stats and packet.shape[0]:
+            n_stats = packet.shape[0] if self.over == "sample" else 1
+        if len(packet.side) < 4 * n_stats:
+            raise PacketError(f"fsq packet of {packet.shape[0]} rows carries {len(packet.side)} bytes of side "
+                              f"information; its statistics alone need {4 * n_stats} (fp16 mean and std per "
+                              f"{'row' if self.over == 'sample' else 'packet'})")
+        stats_bytes, coder_side = packet.side[:4 * n_stats], packet.side[4 * n_stats:]
+        idx = decode_indices(packet.payload, coder_side, packet.levels, packet.coder, packet.shape)
         table = level_values(self.levels, device=self.proj.weight.device)
-        return table[torch.from_numpy(idx.astype(np.int64)).to(table.device)]
+        values = table[torch.from_numpy(idx.astype(np.int64)).to(table.device)]
+        if not n_stats:
+            return values
+        stats = bytes_to_float(stats_bytes, "fp16", (n_stats, 2)).to(table.device)
+        if self.over == "sample":
+            return restore_stats(values, stats[:, :1], stats[:, 1:], self.over)
+        return restore_stats(values, stats[0, 0], stats[0, 1], self.over)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         return self.proj(values.to(self.proj.weight.dtype)) * self.out_scale.to(self.proj.weight.dtype)
+
+
+def restore_stats(values: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, over: str) -> torch.Tensor:
+    """Level values (N, C) -> rows with the sent mean mu and std sigma (per row for over="sample", of the whole
+    tensor for "batch"): the levels are standardised by their own mean and std, then scaled and shifted. Matching
+    both moments beats width x sigma x level + mu, which makes L = 2 rows 3x too wide (every element at +-3 sigma).
+    Client and server run this same function on bit-equal inputs, so they get bit-equal rows."""
+    m, s = normalization_stats(values, over)
+    return (values - m) / s.clamp_min(1e-8) * sigma + mu
+
+
+def _as_sent(t: torch.Tensor) -> torch.Tensor:
+    # forward: the fp16 number that goes on the wire (so both sides compute with it), exactly; backward: identity
+    sent = t.detach().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(t.dtype)
+    return sent + (t - t.detach())
 
 
 def _check_args(levels: int, coder: str, over: str) -> None:
@@ -236,15 +300,16 @@ def _init_encoder(lin: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def _init_decoder(lin: nn.Linear, width: float) -> None:
-    # width * identity undoes the 1/(width * sigma) of the normalisation: a fresh round trip returns each row
-    # standardised (zero mean, unit std) instead of squeezed into [-1, 1]
+def _init_decoder(lin: nn.Linear, gain: float) -> None:
+    # gain x identity (orthonormal columns where d_code != D): gain 1 returns rows dequantized with their sent
+    # statistics as they are; gain = width undoes the 1/(width * sigma) of the normalisation, so that without
+    # statistics a fresh round trip returns each row standardised (zero mean, unit std) instead of squeezed into [-1, 1]
     dim, d_code = lin.weight.shape
     if d_code == dim:
-        lin.weight.copy_(torch.eye(dim) * width)
+        lin.weight.copy_(torch.eye(dim) * gain)
     else:
         nn.init.orthogonal_(lin.weight)
-        lin.weight.mul_(width)
+        lin.weight.mul_(gain)
     lin.bias.zero_()
 
 
@@ -253,7 +318,7 @@ def fit_decoder(client: FsqEncoder, server: FsqDecoder, x: torch.Tensor, ridge: 
     """Warm start: least-squares fit of the server's Linear so that decode(encode(x)) ~ x on the rows x (N, D).
 
     Useful once at the start of stage 1 (it restores the feature scale that the normalisation removed). The fitted
-    map is stored as out_scale x proj with proj as large as a fresh decoder's (width x identity in Frobenius norm),
+    map is stored as out_scale x proj with proj as large as a fresh decoder's (init_gain x identity in Frobenius norm),
     so training moves it no faster than a fresh one. Returns the relative squared error after the fit.
     """
     v = client.quantize(x)[1].to(torch.float64)  # the values the server would dequantize; no coding needed
@@ -261,7 +326,7 @@ def fit_decoder(client: FsqEncoder, server: FsqDecoder, x: torch.Tensor, ridge: 
     target = x.to(torch.float64)
     gram = a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
     sol = torch.linalg.solve(gram, a.T @ target)  # (d_code + 1, D)
-    fresh_norm = server.width * math.sqrt(min(server.dim, server.d_code))
+    fresh_norm = server.init_gain * math.sqrt(min(server.dim, server.d_code))
     scale = float(torch.linalg.matrix_norm(sol[:-1])) / fresh_norm or 1.0
     server.out_scale.fill_(scale)
     server.proj.weight.copy_((sol[:-1].T / scale).to(server.proj.weight.dtype))
@@ -276,5 +341,7 @@ def build_fsq(cfg: CodecConfig, dim: int) -> tuple[FsqEncoder, FsqDecoder]:
     """The paper's FSQ-like quantizer: Linear(D -> d_code), robust normalisation, L levels, Linear(d_code -> D)."""
     d_code = cfg.d_code or dim
     client = FsqEncoder(dim, d_code, cfg.levels, coder=cfg.coder, over=cfg.norm_over, width=cfg.norm_width,
-                        distortion_weight=cfg.distortion_weight, rate_weight=cfg.rate_weight)
-    return client, FsqDecoder(dim, d_code, cfg.levels, width=cfg.norm_width)
+                        distortion_weight=cfg.distortion_weight, rate_weight=cfg.rate_weight,
+                        send_stats=cfg.send_stats)
+    return client, FsqDecoder(dim, d_code, cfg.levels, width=cfg.norm_width, over=cfg.norm_over,
+                              send_stats=cfg.send_stats)

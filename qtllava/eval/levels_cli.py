@@ -195,7 +195,8 @@ def channel_entropy(idx: np.ndarray, levels: int) -> float:
 
 def _fsq_encoder(cr: CheckpointRows, modality: str, levels: int, coder: str) -> FsqEncoder:
     width, over = cr.norm(modality)
-    enc = FsqEncoder(cr.dim, cr.d_code(modality), levels, coder=coder, over=over, width=width)
+    enc = FsqEncoder(cr.dim, cr.d_code(modality), levels, coder=coder, over=over, width=width,
+                     send_stats=cr.codecs[modality].send_stats)
     if cr.encoders[modality] is not None:  # the trained map; a fresh FsqEncoder starts as the identity
         enc.proj.load_state_dict(cr.encoders[modality].state_dict())
     return enc.eval()
