@@ -22,9 +22,8 @@ uses one mean/std pair over the whole (N, d_code) tensor, as the paper does.
 Sending the statistics (`send_stats`, our default; the paper sends none): each row's mean and std go in the
 packet's side information as two fp16 numbers (32 bits per row: 0.125 bits per element at d_code = 256, 0.036 at
 896), and the server dequantizes each row of levels to that mean and std (`restore_stats`), i.e. back to the
-encoder's output scale. Without
-them the normalisation drops each row's scale and position for good: a fresh decoder hands the LLM standardised
-rows whatever the scale it was trained on (image rows reached the tiny LLM 3.4x too small, text rows 40-120x too
+encoder's output scale. Without them the normalisation drops each row's scale and position for good: a fresh
+decoder hands the LLM standardised rows whatever the scale it was trained on (image rows reached the tiny LLM 3.4x too small, text rows 40-120x too
 large; docs/study.md), and rows that differ only in scale (an object patch against the white canvas) look alike.
 On the client the sent values are computed from the same fp16 numbers, so both sides hold bit-equal values, and
 the gradient flows to the encoder through the statistics as well as through the levels (straight-through).
@@ -76,7 +75,7 @@ def normalization_stats(x: torch.Tensor, over: str = "sample") -> tuple[torch.Te
         return x.mean(dim=-1, keepdim=True), x.std(dim=-1, keepdim=True, correction=0)
     if over == "batch":
         return x.mean(), x.std(correction=0)
-    raise ValueError(f"robust_normalize: over must be one of {NORM_OVER}, got {over!r}")
+    raise ValueError(f"fsq normalisation: over must be one of {NORM_OVER}, got {over!r}")
 
 
 def robust_normalize(x: torch.Tensor, width: float = 3.0, over: str = "sample", eps: float = 1e-8,
@@ -198,7 +197,7 @@ class FsqEncoder(ClientCodec):
 
     def forward(self, x: torch.Tensor) -> Encoded:
         z, values, idx, stats_bytes = self.quantize(x)
-        z_hat = level_values(self.levels, device=z.device)[idx.long()] if self.send_stats else values.detach()
+        z_hat = level_values(self.levels, device=z.device)[idx.long()]  # what z was rounded to (no gradient)
         if z.shape[0]:
             distortion = (1.0 - F.cosine_similarity(z, z_hat, dim=-1, eps=1e-8)).mean()
         else:
