@@ -33,7 +33,7 @@ import zstandard
 
 from qtllava.compress.base import Packet
 from qtllava.compress.coding import ans_decode, ans_encode, empirical_entropy, pack_indices, unpack_indices
-from qtllava.compress.fsq import quantize_indices, robust_normalize
+from qtllava.compress.fsq import gaussian_width, quantize_indices, robust_normalize
 
 log = logging.getLogger("bench.codec")
 
@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
                 shape = f"{z.shape[0]}x{z.shape[1]}"
             per_image = tokens * z.shape[1]
             for lv in levels:
-                # the checkpoint's own normalisation for its features; the fsq defaults (3 std, per row) otherwise
+                # the checkpoint's own normalisation for its features; the fsq defaults (per row, the Gaussian-optimal
+                # width for L) otherwise
                 norm = (trained_source or {}).get("modalities", {}).get(mod) if source.startswith("trained") else None
-                width, over = (norm["norm_width"], norm["norm_over"]) if norm else (3.0, "sample")
+                width, over = (norm["norm_width"], norm["norm_over"]) if norm else (0.0, "sample")
+                width = width or gaussian_width(lv)
                 qt = {}
                 for threads in (1, 2):
                     torch.set_num_threads(threads)

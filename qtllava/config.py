@@ -113,6 +113,8 @@ class CodecConfig:
     dtype: wire dtype of `identity` ("fp32", "fp16", "bf16").
     levels: number of quantization levels L for `fsq` (2..256).
     d_code: code width of `fsq`; 0 means the model width D.
+    norm_width: `fsq` clips each row at mean +- norm_width std before the L levels; 0 means the width of the
+        MSE-optimal uniform quantizer of a Gaussian with L levels (1.49 for L = 4); 3.0 is the paper's.
     bits: bits per element for `nf` (2, 3, 4) and the budget for `topk`.
     coder: index coding for `fsq`: "pack" (fixed width) or "ans" (constriction).
     send_stats: `fsq` sends each row's normalisation mean and std (fp16, 32 bits per row) so that the server puts
@@ -124,7 +126,7 @@ class CodecConfig:
     levels: int = 4
     d_code: int = 0
     norm_over: str = "sample"
-    norm_width: float = 3.0
+    norm_width: float = 0.0
     distortion_weight: float = 0.25
     rate_weight: float = 0.0
     bits: int = 2
