@@ -10,6 +10,13 @@ colour ("color") or in reading order ("reading").
 
     python benchmarks/lookup_sandbox.py --steps 1000                     # questions alone
     python benchmarks/lookup_sandbox.py --steps 1000 --captions color    # + captions keyed by colour
+    python benchmarks/lookup_sandbox.py --types shape,shape-mc --captions color --filler 10   # + option letters
+
+Kinds (`--types`): `left`, `top` (yes/no), `shape` (the word), `shape-mc` (the shape question with two lettered
+options "A . circle B . square" in random order; the answer is the letter: the answer word must be found among the
+options and the letter before it read), `shape-paired` (the free-form shape question and its answer, then the same
+question with options, both answers trained), `text-mc` (no image look-up: "c3 is circle", the options, the letter;
+the option look-up alone).
 
 Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
 the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
@@ -30,6 +37,8 @@ SHAPE_WORDS = ("circle", "square")
 FILLER = "<f>"  # in the vocabulary only with --filler, so runs without it are those of docs/baseline.md
 WORDS = ["<pad>", "Is", "the", "object", "on", "left", "top", "?", "yes", "no", "What", "shape", "of", "A:", "circle",
          "square", "bottom", "right"] + [f"c{i}" for i in range(N_COLORS)]
+MC_WORDS = ["A", "B", ".", "is"]  # in the vocabulary only with a multiple-choice kind (same reason as FILLER)
+MC_KINDS = ("shape-mc", "shape-paired", "text-mc")
 FEAT_DIM, POS_DIM = 64, 32
 
 
@@ -42,7 +51,8 @@ class Sandbox:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         torch.manual_seed(args.seed)
-        words = WORDS + ([FILLER] if args.filler else [])
+        self.types = args.types.split(",")
+        words = WORDS + ([FILLER] if args.filler else []) + (MC_WORDS if set(self.types) & set(MC_KINDS) else [])
         self.vocab = {w: i for i, w in enumerate(words)}
         width = 256
         cfg = Qwen2Config(vocab_size=len(words), hidden_size=width, intermediate_size=688,
@@ -58,7 +68,6 @@ class Sandbox:
         self.connector = nn.Sequential(nn.Linear(FEAT_DIM + POS_DIM, width), nn.GELU(), nn.Linear(width, width))
         self.params = list(self.model.parameters()) + list(self.connector.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        self.types = args.types.split(",")
 
     def scene(self) -> tuple[torch.Tensor, list[tuple[bool, bool, int]]]:
         """Patch features (64 x (FEAT_DIM + POS_DIM)) and per colour (is_left, is_top, shape)."""
@@ -75,7 +84,7 @@ class Sandbox:
         f = f + 0.1 * torch.randn_like(f)
         return torch.cat([f, self.pos], -1), info
 
-    def text(self, info: list[tuple[bool, bool, int]], caption: bool) -> list[tuple[int, bool]]:
+    def text(self, info: list[tuple[bool, bool, int]], caption: bool, kind: str = "") -> list[tuple[int, bool]]:
         """(token, is_target) pairs: a caption, or `--turns` question turns."""
         toks: list[tuple[int, bool]] = []
         if caption:
@@ -90,8 +99,12 @@ class Sandbox:
             return toks
         for _ in range(self.args.turns):
             c = int(torch.randint(0, N_COLORS, ()))
-            kind = self.types[int(torch.randint(0, len(self.types), ()))]
+            k = self.types[int(torch.randint(0, len(self.types), ()))]
+            kind = kind or k
             left, top, shape = info[c]
+            if kind in MC_KINDS:
+                toks += self._mc_turn(c, shape, kind)
+                continue
             if kind == "left":
                 q, ans = ["Is", "the", f"c{c}", "object", "on", "left", "?", "A:"], "yes" if left else "no"
             elif kind == "top":
@@ -102,13 +115,28 @@ class Sandbox:
             toks += [(self.vocab[w], False) for w in q] + [(self.vocab[ans], True)]
         return toks
 
-    def batch(self, n: int, caption: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mc_turn(self, c: int, shape: int, kind: str) -> list[tuple[int, bool]]:
+        first = int(torch.randint(0, 2, ()))  # which shape word is option A
+        options = ["A", ".", SHAPE_WORDS[first], "B", ".", SHAPE_WORDS[1 - first]]
+        letter = "A" if first == shape else "B"
+        question = ["What", "shape", "of", "the", f"c{c}", "object", "?"]
+        fill = [FILLER] * self.args.filler
+        toks: list[tuple[int, bool]] = []
+        if kind == "shape-paired":
+            toks += [(self.vocab[w], False) for w in question + fill + ["A:"]] + [(self.vocab[SHAPE_WORDS[shape]], True)]
+        if kind == "text-mc":
+            question = [f"c{c}", "is", SHAPE_WORDS[shape]]
+        return toks + [(self.vocab[w], False) for w in question + options + fill + ["A:"]] + [(self.vocab[letter], True)]
+
+    def batch(self, n: int, caption: bool = False, kind: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         feats, texts = [], []
         for _ in range(n):
             f, info = self.scene()
             feats.append(f)
-            texts.append(self.text(info, caption))
+            texts.append(self.text(info, caption, kind))
         img = self.connector(torch.stack(feats))
+        width = max(len(tx) for tx in texts)  # kinds differ in length: pad at the end (never a target)
+        texts = [tx + [(self.vocab["<pad>"], False)] * (width - len(tx)) for tx in texts]
         ids = torch.tensor([[t for t, _ in tx] for tx in texts])
         is_target = torch.tensor([[m for _, m in tx] for tx in texts])
         emb = torch.cat([img, self.model.get_input_embeddings()(ids)], 1)
@@ -134,8 +162,17 @@ class Sandbox:
                     pred = self.model(inputs_embeds=emb).logits.argmax(-1)
                     m = labels != -100
                     acc = (pred[m] == labels[m]).float().mean().item()
-                print(f"step {step} loss {loss.item():.3f} answer accuracy {acc:.3f} ({time.time() - t0:.0f} s)",
-                      flush=True)
+                    per_kind = ""
+                    if len(self.types) > 1:  # each kind alone, on its own random numbers (training draws unchanged)
+                        state = torch.get_rng_state()
+                        for kind in self.types:
+                            emb, labels = self.batch(256, kind=kind)
+                            pred = self.model(inputs_embeds=emb).logits.argmax(-1)
+                            last = labels.ne(-100).cumsum(1).eq(labels.ne(-100).sum(1, keepdim=True)) & labels.ne(-100)
+                            per_kind += f" {kind} {(pred[last] == labels[last]).float().mean().item():.3f}"
+                        torch.set_rng_state(state)
+                print(f"step {step} loss {loss.item():.3f} answer accuracy {acc:.3f}{per_kind} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
 
 
 def main() -> None:
@@ -146,7 +183,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--turns", type=int, default=1, help="question turns per sequence")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--types", default="left", help="question kinds, comma-separated: left, top, shape")
+    p.add_argument("--types", default="left", help="question kinds, comma-separated: left, top, shape, shape-mc, shape-paired, "
+                   "text-mc")
     p.add_argument("--captions", choices=["", "color", "reading"], default="",
                    help="mix in caption sequences (every other step), objects listed by colour or reading order")
     p.add_argument("--filler", type=int, default=0,

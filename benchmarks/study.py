@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -52,6 +53,9 @@ CONFIGS: dict[str, list[str]] = {
     # the paper's clipping at 3 std (ours: the Gaussian-optimal width for L, 1.49 std at L = 4)
     "fsq-L4-ans-w3": _fsq(4, "ans") + [f"compress.{m}.norm_width=3.0" for m in ("image", "text")]
     + ['compress.downlink="fp16"'],
+    # no distortion loss (the paper: 0.25 x (1 - cos) per modality; its gradient also reaches the connector)
+    "fsq-L4-ans-d0": _fsq(4, "ans") + [f"compress.{m}.distortion_weight=0.0" for m in ("image", "text")]
+    + ['compress.downlink="fp16"'],
     # the paper's codec: 3 std and no normalisation statistics sent (ours sends each row's mean and std)
     "fsq-L4-ans-nostats": _fsq(4, "ans") + [f"compress.{m}.{k}" for m in ("image", "text")
                                             for k in ("send_stats=false", "norm_width=3.0")]
@@ -76,7 +80,7 @@ SEEDS = {"fp16": (0, 1, 2), "fsq-L4-ans": (0, 1, 2), "fsq-L4-ans-w3": (0, 1, 2)}
 # Most informative first, so a partial study already answers the main question.
 ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans", 0), ("fp16", 1),
          ("fsq-L4-ans", 1), ("fsq-L4-ans-nostats", 0), ("fp16", 2), ("fsq-L4-ans", 2), ("fsq-L4-ans-w3", 0),
-         ("fsq-L4-ans-w3", 1), ("fsq-L4-ans-w3", 2), ("nf2", 0), ("topk2", 0),
+         ("fsq-L4-ans-w3", 1), ("fsq-L4-ans-w3", 2), ("fsq-L4-ans-d0", 0), ("nf2", 0), ("topk2", 0),
          ("fsq-L16-ans", 0), ("fsq-L4-ans-int8", 0), ("fsq-L8-ans", 0), ("fsq-L4-ans-int4", 0),
          ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0), ("fp32", 0), ("fsq-L2-pack", 0),
          ("fsq-L8-pack", 0), ("fsq-L16-pack", 0)]
@@ -182,6 +186,14 @@ def summary(rows: list[dict]) -> list[dict]:
                     "fp16_above_chance_and_majority": informative.get(suite)}
             if refs:
                 cell["delta_vs_fp16"] = cell["mean"] - sum(refs) / len(refs)
+                # paired by seed (the same batches in the same order): the standard error of the mean difference
+                fp16_by_seed = {r["seed"]: r["suites"][suite] for r in ref if suite in r["suites"]}
+                diffs = [_points(suite, r["suites"][suite]) - _points(suite, fp16_by_seed[r["seed"]])
+                         for r in rs if suite in r["suites"] and r["seed"] in fp16_by_seed]
+                if len(diffs) > 1 and name != "fp16":
+                    m = sum(diffs) / len(diffs)
+                    cell["paired_delta"] = m
+                    cell["paired_se"] = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
                 spread = max(max(refs) - min(refs), cell["range"]) if len(refs) > 1 else None
                 cell["within_seed_spread"] = None if spread is None else abs(cell["delta_vs_fp16"]) <= spread
                 if name in TARGETS:
@@ -203,7 +215,8 @@ def summary_table(items: list[dict]) -> str:
                 continue
             text = ("" if c.get("fp16_above_chance_and_majority", True) else "~") + f"{c['mean']:.1f}"
             if "delta_vs_fp16" in c and it["config"] != "fp16":
-                text += f" ({c['delta_vs_fp16']:+.1f}{'' if c.get('within_target', True) else ' !'})"
+                se = f" \u00b1{c['paired_se']:.1f}" if "paired_se" in c else ""
+                text += f" ({c['delta_vs_fp16']:+.1f}{se}{'' if c.get('within_target', True) else ' !'})"
             if len(it["seeds"]) > 1:
                 text += f" r{c['range']:.1f}"
             cells.append(text)
@@ -230,7 +243,8 @@ def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
     path_md.write_text(f"# Rate-accuracy study\n\n{meta['how']}\n\n{text}\n\n## Means over seeds\n\n"
                        "Points (percent; shape-mme in percent of its maximum 800); in brackets the difference to the "
                        "fp16 mean, `!` where it falls short of the issue's tolerance (1 point for fsq L = 4, 3 for "
-                       "L = 2); r = range over the seeds; ~ marks a suite where fp16 itself is not above chance and "
+                       "L = 2), and after +- the standard error of the difference paired by seed (same batches) "
+                       "where two or more seeds pair up; r = range over the seeds; ~ marks a suite where fp16 itself is not above chance and "
                        "majority (there the comparison is between guesses).\n\n"
                        f"{summ}\n")
     text = f"{text}\n\n{summ}"
