@@ -33,8 +33,8 @@ STUDY_STEPS = BASELINE_STEPS
 log = logging.getLogger("study")
 
 
-def _fsq(levels: int, coder: str) -> list[str]:
-    return [f"compress.{m}.{k}={v}" for m in ("image", "text")
+def _fsq(levels: int, coder: str, modalities: tuple[str, ...] = ("image", "text")) -> list[str]:
+    return [f"compress.{m}.{k}={v}" for m in modalities
             for k, v in (("name", '"fsq"'), ("levels", levels), ("coder", f'"{coder}"'))]
 
 
@@ -56,6 +56,9 @@ CONFIGS: dict[str, list[str]] = {
     # no distortion loss (the paper: 0.25 x (1 - cos) per modality; its gradient also reaches the connector)
     "fsq-L4-ans-d0": _fsq(4, "ans") + [f"compress.{m}.distortion_weight=0.0" for m in ("image", "text")]
     + ['compress.downlink="fp16"'],
+    # one modality compressed, the other fp16: which one costs the glyph words?
+    "fsq-L4-ans-image-only": _fsq(4, "ans", ("image",)) + ['compress.text.name="identity"', 'compress.downlink="fp16"'],
+    "fsq-L4-ans-text-only": _fsq(4, "ans", ("text",)) + ['compress.image.name="identity"', 'compress.downlink="fp16"'],
     # the paper's codec: 3 std and no normalisation statistics sent (ours sends each row's mean and std)
     "fsq-L4-ans-nostats": _fsq(4, "ans") + [f"compress.{m}.{k}" for m in ("image", "text")
                                             for k in ("send_stats=false", "norm_width=3.0")]
@@ -79,7 +82,8 @@ CONFIGS: dict[str, list[str]] = {
 # Most informative first, so a partial study already answers the main question.
 ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans", 0), ("fp16", 1),
          ("fsq-L4-ans", 1), ("fsq-L4-ans-nostats", 0), ("fp16", 2), ("fsq-L4-ans", 2), ("fsq-L4-ans-w3", 0),
-         ("fsq-L4-ans-w3", 1), ("fsq-L4-ans-w3", 2), ("fsq-L4-ans-d0", 0), ("nf2", 0), ("topk2", 0),
+         ("fsq-L4-ans-w3", 1), ("fsq-L4-ans-w3", 2), ("fsq-L4-ans-d0", 0), ("fsq-L4-ans-image-only", 0),
+         ("fsq-L4-ans-text-only", 0), ("nf2", 0), ("topk2", 0),
          ("fsq-L16-ans", 0), ("fp16", 3), ("fsq-L4-ans", 3), ("fp16", 4), ("fsq-L4-ans", 4),
          ("fsq-L4-ans-int4ans", 1), ("fsq-L4-ans-int4ans", 2), ("fsq-L4-ans-int8", 0), ("fsq-L8-ans", 0),
          ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0), ("fp32", 0),
