@@ -123,10 +123,12 @@ class Sandbox:
         fill = [FILLER] * self.args.filler
         toks: list[tuple[int, bool]] = []
         if kind == "shape-paired":
-            toks += [(self.vocab[w], False) for w in question + fill + ["A:"]] + [(self.vocab[SHAPE_WORDS[shape]], True)]
+            toks += [(self.vocab[w], False) for w in question + fill + ["A:"]]
+            toks.append((self.vocab[SHAPE_WORDS[shape]], True))
         if kind == "text-mc":
             question = [f"c{c}", "is", SHAPE_WORDS[shape]]
-        return toks + [(self.vocab[w], False) for w in question + options + fill + ["A:"]] + [(self.vocab[letter], True)]
+        toks += [(self.vocab[w], False) for w in question + options + fill + ["A:"]]
+        return toks + [(self.vocab[letter], True)]
 
     def batch(self, n: int, caption: bool = False, kind: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         feats, texts = [], []
@@ -183,8 +185,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--turns", type=int, default=1, help="question turns per sequence")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--types", default="left", help="question kinds, comma-separated: left, top, shape, shape-mc, shape-paired, "
-                   "text-mc")
+    p.add_argument("--types", default="left",
+                   help="question kinds, comma-separated: left, top, shape, shape-mc, shape-paired, text-mc")
     p.add_argument("--captions", choices=["", "color", "reading"], default="",
                    help="mix in caption sequences (every other step), objects listed by colour or reading order")
     p.add_argument("--filler", type=int, default=0,

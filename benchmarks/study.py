@@ -87,7 +87,9 @@ ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans
          ("fsq-L16-ans", 0), ("fp16", 3), ("fsq-L4-ans", 3), ("fp16", 4), ("fsq-L4-ans", 4),
          ("fsq-L4-ans-int4ans", 1), ("fsq-L4-ans-int4ans", 2), ("fsq-L4-ans-int8", 0), ("fsq-L8-ans", 0),
          ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0), ("fp32", 0),
-         ("fsq-L2-pack", 0), ("fsq-L8-pack", 0), ("fsq-L16-pack", 0)]
+         ("fsq-L2-pack", 0), ("fsq-L8-pack", 0), ("fsq-L16-pack", 0),
+         # is the glyph gap of fsq L = 4 there at 16 levels, and without learned maps (nf4)?
+         ("fsq-L16-ans", 1), ("nf4", 1), ("fsq-L16-ans", 2), ("nf4", 2)]
 # Issue 6's accuracy targets: points (percent; shape-mme in percent of its maximum 800) that a configuration's mean
 # may fall below the fp16 mean.
 TARGETS = {"fsq-L4-ans": 1.0, "fsq-L4-ans-int4ans": 1.0, "fsq-L4-ans-int8ans": 1.0, "fsq-L2-ans": 3.0}
@@ -248,8 +250,8 @@ def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
                        "Points (percent; shape-mme in percent of its maximum 800); in brackets the difference to the "
                        "fp16 mean, `!` where it falls short of the issue's tolerance (1 point for fsq L = 4, 3 for "
                        "L = 2), and after +- the standard error of the difference paired by seed (same batches) "
-                       "where two or more seeds pair up; r = range over the seeds; ~ marks a suite where fp16 itself is not above chance and "
-                       "majority (there the comparison is between guesses).\n\n"
+                       "where two or more seeds pair up; r = range over the seeds; ~ marks a suite where fp16 itself "
+                       "is not above chance and majority (there the comparison is between guesses).\n\n"
                        f"{summ}\n")
     text = f"{text}\n\n{summ}"
     try:

@@ -213,8 +213,8 @@ def test_fsq_sent_statistics_keep_each_rows_scale_and_both_sides_agree_bit_for_b
     client(xr).values.sum().backward()
     assert abs(float(xr.grad.mean()) - 1.0) < 0.05
     # a packet whose statistics were cut off is refused, not misread
-    cut = Packet(codec="fsq", shape=enc.packet.shape, payload=enc.packet.payload, side=enc.packet.side[:4 * n_stats - 1],
-                 levels=16, coder="ans")
+    cut = Packet(codec="fsq", shape=enc.packet.shape, payload=enc.packet.payload,
+                 side=enc.packet.side[:4 * n_stats - 1], levels=16, coder="ans")
     with pytest.raises(PacketError, match="statistics"):
         server.dequantize(cut)
 

@@ -29,10 +29,11 @@ Sending the statistics (`send_stats`, our default; the paper sends none): each r
 packet's side information as two fp16 numbers (32 bits per row: 0.125 bits per element at d_code = 256, 0.036 at
 896), and the server dequantizes each row of levels to that mean and std (`restore_stats`), i.e. back to the
 encoder's output scale. Without them the normalisation drops each row's scale and position for good: a fresh
-decoder hands the LLM standardised rows whatever the scale it was trained on (image rows reached the tiny LLM 3.4x too small, text rows 40-120x too
-large; docs/study.md), and rows that differ only in scale (an object patch against the white canvas) look alike.
-On the client the sent values are computed from the same fp16 numbers, so both sides hold bit-equal values, and
-the gradient flows to the encoder through the statistics as well as through the levels (straight-through).
+decoder hands the LLM standardised rows whatever the scale it was trained on (image rows reached the tiny LLM
+3.4x too small, text rows 40-120x too large; docs/study.md), and rows that differ only in scale (an object patch
+against the white canvas) look alike. On the client the sent values are computed from the same fp16 numbers, so
+both sides hold bit-equal values, and the gradient flows to the encoder through the statistics as well as through
+the levels (straight-through).
 """
 
 from __future__ import annotations
@@ -120,10 +121,9 @@ def gaussian_width(levels: int) -> float:
     pdf = np.exp(-0.5 * x * x)
     pdf /= pdf.sum()
 
-    def mse(width: float) -> float:
-        lv = width * table
-        nearest = lv[np.abs(x[:, None] - lv[None, :]).argmin(axis=1)]
-        return float((pdf * (x - nearest) ** 2).sum())
+    def mse(width: float) -> float:  # levels are uniform: the nearest one is a rounding, as in quantize_indices
+        k = np.clip(np.rint((x / width + 1.0) * ((levels - 1) / 2.0)), 0, levels - 1).astype(np.int64)
+        return float((pdf * (x - width * table[k]) ** 2).sum())
 
     lo, hi, g = 0.05, 8.0, (math.sqrt(5.0) - 1.0) / 2.0
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
