@@ -33,7 +33,7 @@ import zstandard
 
 from qtllava.compress.base import Packet
 from qtllava.compress.coding import ans_decode, ans_encode, empirical_entropy, pack_indices, unpack_indices
-from qtllava.compress.fsq import gaussian_width, quantize_indices, robust_normalize
+from qtllava.compress.fsq import clip_width, quantize_indices, robust_normalize
 
 log = logging.getLogger("bench.codec")
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # width for L) otherwise
                 norm = (trained_source or {}).get("modalities", {}).get(mod) if source.startswith("trained") else None
                 width, over = (norm["norm_width"], norm["norm_over"]) if norm else (0.0, "sample")
-                width = width or gaussian_width(lv)
+                width = clip_width(width, lv)
                 qt = {}
                 for threads in (1, 2):
                     torch.set_num_threads(threads)

@@ -58,6 +58,7 @@ __all__ = [
     "restore_stats",
     "level_values",
     "gaussian_width",
+    "clip_width",
     "quantize_indices",
     "soft_rate_bits",
     "encode_indices",
@@ -140,6 +141,11 @@ def gaussian_width(levels: int) -> float:
     return round((lo + hi) / 2.0, 4)
 
 
+def clip_width(width: float, levels: int) -> float:
+    """The clipping width in force: `width` std, or for 0 (the config default) `gaussian_width(levels)`."""
+    return width or gaussian_width(levels)
+
+
 def quantize_indices(z: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round z (values in [-1, 1]) to the nearest of L levels.
 
@@ -208,7 +214,7 @@ class FsqEncoder(ClientCodec):
         super().__init__()
         _check_args(levels, coder, over, width)
         self.dim, self.d_code, self.levels, self.coder = dim, d_code, levels, coder
-        self.over, self.width, self.send_stats = over, width or gaussian_width(levels), send_stats
+        self.over, self.width, self.send_stats = over, clip_width(width, levels), send_stats
         self.distortion_weight, self.rate_weight = distortion_weight, rate_weight
         self.proj = nn.Linear(dim, d_code)
         self.last_stats: dict[str, float] = {}  # distortion and rate (bits/element) of the last call, for logging
@@ -264,7 +270,7 @@ class FsqDecoder(ServerCodec):
         super().__init__()
         _check_args(levels, "pack", over, width)
         self.dim, self.d_code, self.levels = dim, d_code, levels
-        self.width = width or gaussian_width(levels)
+        self.width = clip_width(width, levels)
         self.over, self.send_stats = over, send_stats
         # a fresh round trip returns the encoder's rows (with the statistics) or standardised rows (without)
         self.init_gain = 1.0 if send_stats else self.width

@@ -22,7 +22,7 @@ import torch
 
 from qtllava.compress.base import Packet
 from qtllava.compress.coding import ans_encode, empirical_entropy, index_bits, pack_indices
-from qtllava.compress.fsq import gaussian_width, quantize_indices, robust_normalize
+from qtllava.compress.fsq import clip_width, quantize_indices, robust_normalize
 
 __all__ = ["indices_for_levels", "measure_indices", "analyze_levels", "recommend_levels", "write_levels_report",
            "DEFAULT_LEVELS"]
@@ -36,10 +36,10 @@ DEFAULT_LEVELS = tuple(range(2, 17))
 def indices_for_levels(features: torch.Tensor, levels: int, encoder: Callable | None = None, width: float = 0.0,
                        over: str = "sample") -> tuple[np.ndarray, float]:
     """Rows (N, D) -> (indices (N, d_code) uint8, distortion): optional encoder (e.g. FsqEncoder.proj), robust
-    normalisation (width 0: `gaussian_width(levels)`, as the fsq client) and L levels, exactly as the fsq client
-    does. Distortion = mean over rows of 1 - cos."""
+    normalisation (width 0: the Gaussian-optimal width, `clip_width`) and L levels, exactly as the fsq client does.
+    Distortion = mean over rows of 1 - cos."""
     z = encoder(features) if encoder is not None else features
-    zn = robust_normalize(z.float(), width or gaussian_width(levels), over)
+    zn = robust_normalize(z.float(), clip_width(width, levels), over)
     z_hat, idx = quantize_indices(zn, levels)
     dist = float((1 - torch.nn.functional.cosine_similarity(zn, z_hat, dim=-1, eps=1e-8)).mean()) if len(zn) else 0.0
     return idx.cpu().numpy(), dist
