@@ -33,17 +33,13 @@ STUDY_STEPS = BASELINE_STEPS
 log = logging.getLogger("study")
 
 
-def _fsq(levels: int, coder: str, modalities: tuple[str, ...] = ("image", "text")) -> list[str]:
-    return [f"compress.{m}.{k}={v}" for m in modalities
-            for k, v in (("name", '"fsq"'), ("levels", levels), ("coder", f'"{coder}"'))]
+def _codec(name: str, modalities: tuple[str, ...] = ("image", "text"), **kw) -> list[str]:
+    """Overrides that put codec `name` with settings `kw` on each of `modalities`."""
+    return [f"compress.{m}.{k}={json.dumps(v)}" for m in modalities for k, v in {"name": name, **kw}.items()]
 
 
-def _codec(name: str, **kw) -> list[str]:
-    out = []
-    for m in ("image", "text"):
-        out.append(f'compress.{m}.name="{name}"')
-        out += [f"compress.{m}.{k}={json.dumps(v)}" for k, v in kw.items()]
-    return out
+def _fsq(levels: int, coder: str, modalities: tuple[str, ...] = ("image", "text"), **kw) -> list[str]:
+    return _codec("fsq", modalities, levels=levels, coder=coder, **kw)
 
 
 # name -> overrides; the downlink is fp16 (the 16-bit reference) unless the name says otherwise.
@@ -51,18 +47,14 @@ CONFIGS: dict[str, list[str]] = {
     "fp16": _codec("identity", dtype="fp16") + ['compress.downlink="fp16"'],
     "fsq-L4-ans": _fsq(4, "ans") + ['compress.downlink="fp16"'],
     # the paper's clipping at 3 std (ours: the Gaussian-optimal width for L, 1.49 std at L = 4)
-    "fsq-L4-ans-w3": _fsq(4, "ans") + [f"compress.{m}.norm_width=3.0" for m in ("image", "text")]
-    + ['compress.downlink="fp16"'],
+    "fsq-L4-ans-w3": _fsq(4, "ans", norm_width=3.0) + ['compress.downlink="fp16"'],
     # no distortion loss (the paper: 0.25 x (1 - cos) per modality; its gradient also reaches the connector)
-    "fsq-L4-ans-d0": _fsq(4, "ans") + [f"compress.{m}.distortion_weight=0.0" for m in ("image", "text")]
-    + ['compress.downlink="fp16"'],
+    "fsq-L4-ans-d0": _fsq(4, "ans", distortion_weight=0.0) + ['compress.downlink="fp16"'],
     # one modality compressed, the other fp16: which one costs the glyph words?
     "fsq-L4-ans-image-only": _fsq(4, "ans", ("image",)) + ['compress.text.name="identity"', 'compress.downlink="fp16"'],
     "fsq-L4-ans-text-only": _fsq(4, "ans", ("text",)) + ['compress.image.name="identity"', 'compress.downlink="fp16"'],
     # the paper's codec: 3 std and no normalisation statistics sent (ours sends each row's mean and std)
-    "fsq-L4-ans-nostats": _fsq(4, "ans") + [f"compress.{m}.{k}" for m in ("image", "text")
-                                            for k in ("send_stats=false", "norm_width=3.0")]
-    + ['compress.downlink="fp16"'],
+    "fsq-L4-ans-nostats": _fsq(4, "ans", send_stats=False, norm_width=3.0) + ['compress.downlink="fp16"'],
     "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
     "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
     "fsq-L4-ans-int4ans": _fsq(4, "ans") + ['compress.downlink="int4-ans"'],
