@@ -38,6 +38,10 @@ def _codec(name: str, modalities: tuple[str, ...] = ("image", "text"), **kw) -> 
     return [f"compress.{m}.{k}={json.dumps(v)}" for m in modalities for k, v in {"name": name, **kw}.items()]
 
 
+def _codec_lr(scale: float) -> list[str]:
+    return [f"train.stage{i}.codec_lr_scale={scale}" for i in (1, 2)]
+
+
 def _fsq(levels: int, coder: str, modalities: tuple[str, ...] = ("image", "text"), **kw) -> list[str]:
     return _codec("fsq", modalities, levels=levels, coder=coder, **kw)
 
@@ -55,6 +59,10 @@ CONFIGS: dict[str, list[str]] = {
     "fsq-L4-ans-text-only": _fsq(4, "ans", ("text",)) + ['compress.image.name="identity"', 'compress.downlink="fp16"'],
     # the paper's codec: 3 std and no normalisation statistics sent (ours sends each row's mean and std)
     "fsq-L4-ans-nostats": _fsq(4, "ans", send_stats=False, norm_width=3.0) + ['compress.downlink="fp16"'],
+    # the codecs' square maps frozen at their start (identity; the text decoder's least-squares fit) / at a tenth of
+    # the rate: is the glyph gap the maps' drift under Adam rather than the quantizer?
+    "fsq-L4-ans-clr0": _fsq(4, "ans") + ['compress.downlink="fp16"'] + _codec_lr(0.0),
+    "fsq-L4-ans-clr0.1": _fsq(4, "ans") + ['compress.downlink="fp16"'] + _codec_lr(0.1),
     "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
     "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
     "fsq-L4-ans-int4ans": _fsq(4, "ans") + ['compress.downlink="int4-ans"'],
@@ -81,7 +89,10 @@ ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans
          ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0), ("fp32", 0),
          ("fsq-L2-pack", 0), ("fsq-L8-pack", 0), ("fsq-L16-pack", 0),
          # is the glyph gap of fsq L = 4 there at 16 levels, and without learned maps (nf4)?
-         ("fsq-L16-ans", 1), ("nf4", 1), ("fsq-L16-ans", 2), ("nf4", 2)]
+         ("fsq-L16-ans", 1), ("nf4", 1), ("fsq-L16-ans", 2), ("nf4", 2),
+         # the codec maps' learning rate (session 7)
+         ("fsq-L4-ans-clr0", 0), ("fsq-L4-ans-clr0.1", 0), ("fsq-L4-ans-clr0", 1), ("fsq-L4-ans-clr0.1", 1),
+         ("fsq-L4-ans-clr0", 2), ("fsq-L4-ans-clr0.1", 2)]
 # Issue 6's accuracy targets: points (percent; shape-mme in percent of its maximum 800) that a configuration's mean
 # may fall below the fp16 mean.
 TARGETS = {"fsq-L4-ans": 1.0, "fsq-L4-ans-int4ans": 1.0, "fsq-L4-ans-int8ans": 1.0, "fsq-L2-ans": 3.0}

@@ -171,6 +171,10 @@ class StageConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    # learning rate of the codecs' own parameters (fsq's Linear maps) as a multiple of `lr`: their square maps start
+    # at the identity, and Adam moves each weight by about lr a step whatever its gradient, so at 1.0 they drift
+    # ~20 % from it in stages 1-2 (docs/study.md, "Session 7"); 0 freezes them
+    codec_lr_scale: float = 1.0
 
 
 @dataclass

@@ -81,6 +81,41 @@ def test_fresh_fsq_text_decoder_is_fitted_to_the_embedding_scale(data_root, tmp_
     assert float(kept.std()) == pytest.approx(float(table.std()), rel=0.2)
 
 
+def test_codec_lr_scale_scales_only_the_codecs(data_root, tmp_path):
+    """codec_lr_scale = 0 freezes the fsq maps (both halves) while the connector trains; the groups carry the scale."""
+    from safetensors.torch import load_file
+
+    from qtllava.train.loop import stage_parts
+    from qtllava.train.recipes import codec_parameters, make_optimizer, set_lr
+
+    cfg0 = load_config("micro", ["train.stage0.steps=2"])
+    r0 = run_stage(cfg0, "stage0", data_root, tmp_path / "s0", progress=False)
+    fsq = [f"compress.{m}.{k}={v}" for m in ("image", "text") for k, v in (("name", '"fsq"'), ("levels", 4))]
+    cfg = load_config("micro", fsq + ["train.stage1.steps=3", "train.stage1.codec_lr_scale=0"])
+    _, _, client, server = stage_parts(cfg, "stage1", data_root, r0.final)
+    start = {**{f"c.{k}": v.clone() for k, v in client.state_dict().items()},
+             **{f"s.{k}": v.clone() for k, v in server.state_dict().items()}}
+    r1 = run_stage(cfg, "stage1", data_root, tmp_path / "s1", init=r0.final, progress=False)
+    c1 = load_file(r1.final / "client" / "model.safetensors")
+    s1 = load_file(r1.final / "server" / "model.safetensors")
+    for prefix, got in (("c.", c1), ("s.", s1)):
+        codec = [k for k in got if k.startswith(("image_codec", "text_codec"))]
+        assert codec and all(torch.equal(got[k], start[prefix + k]) for k in codec), prefix
+    assert any(not torch.equal(c1[k], start["c." + k]) for k in c1 if k.startswith("connector"))
+    # the groups: scheduled rate x lr_scale; a negative scale is refused
+    st = cfg.train.stage1
+    st.codec_lr_scale = 0.25
+    opt = make_optimizer(list(client.parameters()), st, codec_parameters(client))
+    set_lr(opt, 2.0)
+    codec_ids = {id(p) for p in codec_parameters(client)}
+    for g in opt.param_groups:
+        assert g["lr"] == (0.5 if id(g["params"][0]) in codec_ids else 2.0)
+        assert len({id(p) in codec_ids for p in g["params"]}) == 1
+    st.codec_lr_scale = -1.0
+    with pytest.raises(ValueError, match="codec_lr_scale"):
+        make_optimizer(list(client.parameters()), st, codec_parameters(client))
+
+
 def test_loss_decreases_on_a_fixed_batch_budget(data_root, tmp_path):
     cfg = load_config("micro", ["train.stage0.steps=30", "train.stage0.lr=3e-3", "train.checkpoint_every=0"])
     run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False)

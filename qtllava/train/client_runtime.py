@@ -20,7 +20,7 @@ from qtllava.compress.base import Packet, nbytes
 from qtllava.compress.grad import decode_grad, encode_grad
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
-from qtllava.train.recipes import apply_trainable, lr_at, make_optimizer, recipe
+from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.server_runtime import HASH_SECTIONS
 from qtllava.train.ucut import HEAD_FOLDER, ClientHead, check_cut, head_loss
 from qtllava.wire.messages import PROTOCOL_VERSION, ids_from_bytes, labels_to_wire, pb
@@ -96,7 +96,7 @@ class ClientRuntime:
             if self.head is not None:  # the head trains where the server's LLM would
                 self.head.requires_grad_("llm" in rec.server_trainable)
                 self.trainable += [p for p in self.head.parameters() if p.requires_grad]
-            self.optimizer = make_optimizer(self.trainable, self.stage_cfg)
+            self.optimizer = make_optimizer(self.trainable, self.stage_cfg, codec_parameters(part))
         else:
             part.requires_grad_(False)
             if self.head is not None:
@@ -199,8 +199,7 @@ class ClientRuntime:
         if self.optimizer is not None:
             if self.stage_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.stage_cfg.max_grad_norm)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         stats = StepStats(step=self.step_id, loss=sum(losses) / count, aux_loss=aux_total / count, lr=lr,

@@ -14,7 +14,8 @@ from torch import nn
 
 from qtllava.config import CodecConfig, CompressConfig, Config, StageConfig
 
-__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "apply_trainable", "lr_at", "set_seed", "make_optimizer"]
+__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "apply_trainable", "lr_at", "set_seed", "make_optimizer",
+           "codec_parameters", "set_lr"]
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,33 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.AdamW | None:
-    """AdamW over the trainable parameters, or None when there are none (e.g. a server with nothing to learn)."""
+def codec_parameters(part: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a part's codec halves (those `StageConfig.codec_lr_scale` applies to)."""
+    return [p for name in CODECS if getattr(part, name, None) is not None for p in getattr(part, name).parameters()]
+
+
+def make_optimizer(params: list[nn.Parameter], stage: StageConfig, codec: list[nn.Parameter] = ()
+                   ) -> torch.optim.AdamW | None:
+    """AdamW over the trainable parameters, or None when there are none (e.g. a server with nothing to learn).
+
+    Groups: weight decay for matrices only; with `stage.codec_lr_scale` != 1, the parameters in `codec` get their
+    own groups whose `lr_scale` multiplies the scheduled rate (`set_lr`)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         return None
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if stage.codec_lr_scale < 0:
+        raise ValueError(f"codec_lr_scale must be >= 0, got {stage.codec_lr_scale}")
+    scaled = {id(p) for p in codec} if stage.codec_lr_scale != 1.0 else set()
+    groups = []
+    for scale, members in ((1.0, [p for p in params if id(p) not in scaled]),
+                           (stage.codec_lr_scale, [p for p in params if id(p) in scaled])):
+        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": stage.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.999))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled rate `lr` for every group, times the group's `lr_scale`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

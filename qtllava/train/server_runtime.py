@@ -35,7 +35,7 @@ from qtllava.compress.base import Packet, PacketError
 from qtllava.compress.grad import decode_grad, encode_grad
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import Layout, ServerPart
-from qtllava.train.recipes import apply_trainable, lr_at, make_optimizer, recipe
+from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.ucut import check_cut, identity_head, predicting_mask
 from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb
 
@@ -133,7 +133,7 @@ class ServerRuntime:
             if self.cut == "u":  # the client trains the LM head; the server's copy stays as it is
                 head = part.llm.get_output_embeddings()
                 head.requires_grad_(False)
-            self.optimizer = make_optimizer(params, self.stage_cfg)
+            self.optimizer = make_optimizer(params, self.stage_cfg, codec_parameters(part))
             self.trainable = [p for p in params if p.requires_grad]
         else:
             part.requires_grad_(False)
@@ -367,8 +367,7 @@ class ServerRuntime:
             if self.stage_cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.stage_cfg.max_grad_norm)
             lr = lr_at(self.stage_cfg, step_id, total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.applied_steps += 1
