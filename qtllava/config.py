@@ -158,6 +158,9 @@ class DataConfig:
     max_length: int = 160
     template: str = "qwen2"  # chat template for instruction data; captions use "pretrain"
     skip_bad: bool = False
+    # probability that a question turn of an instruction record (any kind: Sort-of-CLEVR, glyph, POPE/MME yes/no) is
+    # asked in its multiple-choice form, on top of the Sort-of-CLEVR multiple-choice turns every version has
+    mc_fraction: float = 0.0
     tokenizer: str = ""  # folder with a tokenizer; empty: the one stored with the generated data
 
 

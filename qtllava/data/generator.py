@@ -75,7 +75,9 @@ def estimate_tokens(text: str) -> int:
 def _gen_settings(cfg: Any, image_size: int) -> dict[str, Any]:
     return {"seed": int(cfg.seed), "n_caption": int(cfg.n_caption), "n_instruct": int(cfg.n_instruct),
             "n_val": int(cfg.n_val), "n_per_suite": int(cfg.n_per_suite), "vocab_size": int(cfg.vocab_size),
-            "image_size": int(image_size)}
+            "image_size": int(image_size),
+            # knobs added later enter only when set, so that data made before they existed stays valid
+            **({"mc_fraction": float(cfg.mc_fraction)} if cfg.mc_fraction else {})}
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
@@ -217,8 +219,9 @@ def _caption_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, st
     return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": Q.caption(scene)}]
 
 
-def _turn_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Candidate (prompt, answer) turns covering every suite question type of the scene's kind."""
+def _turn_pool(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0) -> list[tuple[str, str]]:
+    """Candidate (prompt, answer) turns covering every suite question type of the scene's kind; each question in its
+    multiple-choice form with probability `mc_fraction`."""
     pool: list[Q.QA | None] = []
     if scene.kind == "soc":
         for t in Q.SOC_NONREL + Q.SOC_REL:
@@ -238,10 +241,13 @@ def _turn_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
             if pair:
                 pool.append(pair[int(rng.integers(0, 2))])
     qas = [qa for qa in pool if qa is not None]
+    if mc_fraction:  # no draw at 0, so the records of earlier versions come out unchanged
+        qas = [Q.as_multiple_choice(qa, scene, rng) if "choices" not in qa.extra and rng.random() < mc_fraction
+               else qa for qa in qas]
     return [(qa.text, qa.answer) for i in rng.permutation(len(qas)) for qa in [qas[int(i)]]]
 
 
-def _instruct_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0) -> list[dict[str, str]]:
     turns: list[tuple[str, str]] = []
     u = rng.random()
     if u < _P_CAPTION_TURN:
@@ -258,7 +264,7 @@ def _instruct_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, s
     max_turns = int(rng.integers(2, 5))
     used = 2  # "<image>\n"
     conv: list[dict[str, str]] = []
-    for prompt, answer in turns + _turn_pool(scene, rng):
+    for prompt, answer in turns + _turn_pool(scene, rng, mc_fraction):
         cost = estimate_tokens(prompt) + estimate_tokens(answer) + _CHATML_TURN_OVERHEAD
         if conv and (used + cost > TEXT_BUDGET - 4 or len(conv) // 2 >= max_turns):
             continue
@@ -395,6 +401,8 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     root = Path(root if root is not None else cfg.root)
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
+    if not 0.0 <= cfg.mc_fraction <= 1.0:
+        raise ValueError(f"data.mc_fraction must be in [0, 1], got {cfg.mc_fraction}")
     settings = _gen_settings(cfg, image_size)
     if not force and _cache_valid(root, settings):
         log.info("data in %s is up to date (manifest matches)", root)
@@ -408,8 +416,11 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
         ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, pool=pool)
         captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
-        train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, _instruct_record)
-        val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, _instruct_record)
+        def instruct(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
+            return _instruct_record(scene, rng, float(cfg.mc_fraction))
+
+        train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, instruct)
+        val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, instruct)
         metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
         images_sha = ctx.finish()
     _dump_jsonl(root / "scenes.jsonl", ctx.scenes)

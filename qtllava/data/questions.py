@@ -195,10 +195,14 @@ def _soc_one(scene: Scene, qtype: str, c: str, ref: Obj, cat: str) -> QA | None:
 
 
 def _mc_candidates(qtype: str, scene: Scene, qa: QA) -> list[str]:
+    if qa.answer in ("yes", "no"):  # every yes/no question (Sort-of-CLEVR, POPE and MME types alike)
+        return ["yes", "no"]
+    if qtype == "word_color":
+        return list(LEXICON)
+    if qtype == "color_of_word":
+        return list(GLYPH_COLORS)
     if qtype in ("shape", "closest", "furthest"):
         return list(SOC_SHAPES)
-    if qtype in ("left", "top"):
-        return ["yes", "no"]
     if qtype == "count":
         return [str(i) for i in range(1, 7)]
     if qtype.endswith("_color"):
@@ -213,7 +217,8 @@ def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | 
 
 
 def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator) -> QA:
-    """The multiple-choice form of a free-form Sort-of-CLEVR question (a new QA; `qa` is left as it is)."""
+    """The multiple-choice form of a free-form question (a new QA; `qa` is left as it is): Sort-of-CLEVR types,
+    glyph words and their colours, and any yes/no question."""
     cands = _mc_candidates(qa.type, scene, qa)
     # two-candidate types (shape, yes/no) give 2 options; the others 3-5, so every option count is common
     k = 2 if len(cands) == 2 else int(rng.integers(3, min(5, len(cands)) + 1))
