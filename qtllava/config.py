@@ -174,10 +174,12 @@ class StageConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    # learning rate of the codecs' own parameters (fsq's Linear maps) as a multiple of `lr`: their square maps start
-    # at the identity, and Adam moves each weight by about lr a step whatever its gradient, so at 1.0 they drift
-    # ~20 % from it in stages 1-2 (docs/study.md, "Session 7"); 0 freezes them
-    codec_lr_scale: float = 1.0
+    # learning rate of the codecs' own parameters (fsq's Linear maps) as a multiple of `lr`. 0 (default) keeps them
+    # where they start: the identity (and the text decoder's least-squares fit), the right maps when d_code = D
+    # (every preset). Adam moves each weight by about lr a step whatever its gradient, so at 1.0 the square maps
+    # drift ~20 % from the identity in stages 1-2, and glyph reading fell 3.7 points (5 seeds, docs/study.md,
+    # "Session 7"). With d_code < D the maps must learn: set it > 0.
+    codec_lr_scale: float = 0.0
 
 
 @dataclass
