@@ -19,7 +19,9 @@ from qtllava.eval.levels_cli import (VAL_SPLIT, checkpoint_rows, encoder_outputs
 from qtllava.model.parts import ClientPart
 
 FSQ = ["compress.image.name=\"fsq\"", "compress.text.name=\"fsq\"", "compress.image.coder=\"ans\"",
-       "compress.text.coder=\"ans\"", "compress.image.levels=4", "compress.text.levels=4"]
+       "compress.text.coder=\"ans\"", "compress.image.levels=4", "compress.text.levels=4",
+       # the maps train (default: frozen), so that a test can tell the trained encoder's Linear from the identity
+       "train.stage1.codec_lr_scale=1.0", "train.stage2.codec_lr_scale=1.0"]
 
 
 @pytest.fixture(scope="module")
