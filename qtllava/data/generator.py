@@ -10,6 +10,7 @@ settings return at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -416,9 +417,7 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
         ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, pool=pool)
         captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
-        def instruct(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
-            return _instruct_record(scene, rng, float(cfg.mc_fraction))
-
+        instruct = functools.partial(_instruct_record, mc_fraction=float(cfg.mc_fraction))
         train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, instruct)
         val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, instruct)
         metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}

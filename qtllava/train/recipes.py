@@ -99,7 +99,8 @@ def make_optimizer(params: list[nn.Parameter], stage: StageConfig, codec: list[n
     """AdamW over the trainable parameters, or None when there are none (e.g. a server with nothing to learn).
 
     Groups: weight decay for matrices only; with `stage.codec_lr_scale` != 1, the parameters in `codec` get their
-    own groups whose `lr_scale` multiplies the scheduled rate (`set_lr`)."""
+    own groups whose `lr_scale` multiplies the scheduled rate (`set_lr`). At 0 they stay in the optimizer at rate 0,
+    their gradients still counted in the clipping norm (as in the study's `-clr0` runs)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         return None
