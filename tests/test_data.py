@@ -107,10 +107,10 @@ def test_cache(tmp_path):
 
 
 def test_mc_fraction_asks_every_kind_as_multiple_choice(root, tmp_path):
-    """data.mc_fraction = 1: every question turn, of every scene kind, comes with lettered options and a letter for
-    answer, and the letter names the option that answers it; the scenes and images are those of the default data,
-    whose manifest carries no mc_fraction (so data made before the knob stays valid)."""
-    from qtllava.data.questions import LETTERS, MC_INSTRUCTION
+    """data.mc_fraction = 1: every question turn, of every scene kind, comes with lettered options and one of their
+    letters for answer; the manifest records the setting, and the default data's manifest carries none (so data made
+    before the knob stays valid)."""
+    from qtllava.data.questions import CAPTION_PROMPTS, LETTERS, MC_INSTRUCTION
 
     r = make_data(micro_cfg(mc_fraction=1.0), S, root=tmp_path / "mc")
     assert json.loads((r / "manifest.json").read_text())["settings"]["mc_fraction"] == 1.0
@@ -120,18 +120,18 @@ def test_mc_fraction_asks_every_kind_as_multiple_choice(root, tmp_path):
         conv = rec["conversations"]
         humans = [q["value"].replace("<image>\n", "") for q in conv[0::2]]
         for i, (text, a) in enumerate(zip(humans, conv[1::2])):
-            if text in ("Describe the image briefly.", "Give a short description of the image.",
-                        "What is in the image?", "Summarize the image."):
+            if text in CAPTION_PROMPTS:
                 continue
             if i + 1 < len(humans) and humans[i + 1].startswith(text.split("\n")[0] + "\n"):
                 continue  # the free-form half of a paired Sort-of-CLEVR lead: its multiple-choice form follows
             assert text.endswith(MC_INSTRUCTION), text
             options = [line[3:] for line in text.split("\n") if line[:1] in LETTERS and line[1:3] == ". "]
             assert len(options) >= 2 and a["value"] in LETTERS[:len(options)], text
-            kinds.add(rec["id"].split("-")[0])
-            if "word is written in" in text or "Is there" in text:
-                kinds.add(text.split()[0])
-    assert {"Is", "What"} <= kinds  # POPE/MME yes/no and glyph words among them, not only Sort-of-CLEVR
+            if text.startswith("What word is written in"):
+                kinds.add("glyph word")
+            if text.startswith("Is there"):
+                kinds.add("existence yes/no")
+    assert kinds == {"glyph word", "existence yes/no"}  # not only Sort-of-CLEVR questions
     with pytest.raises(ValueError, match="mc_fraction"):
         make_data(micro_cfg(mc_fraction=1.5), S, root=tmp_path / "bad")
 
