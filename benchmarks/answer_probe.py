@@ -9,6 +9,9 @@ depend on the image?).
 
     python benchmarks/answer_probe.py runs/baseline/stage0/final --config tiny [--file instruct_val.json] [--positions]
 
+`--lens` adds the same accuracy read out after every decoder layer (the hidden state at the answer position through
+the final norm and the LM head, a "logit lens"): in which layer does the answer appear, and how many layers are left
+after it (an option letter needs the answer first, then a look-up of the option that holds it)?
 `--positions` adds a linear probe of where objects are (left/top half) in the connector's output rows;
 `--captions` the teacher-forced accuracy on the attribute words of captions (colour, shape, top/bottom,
 left/right; each shape or position word follows a colour word, so it needs a look-up of that colour in the image).
@@ -97,6 +100,42 @@ def caption_probe(checkpoint: Path, cfg, data_root: Path, n_records: int = 192, 
             for kind in groups if hits[kind, False]}
 
 
+def _first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the first label position of each assistant turn (a label preceded by an ignored label)."""
+    prev = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
+    return (labels != IGNORE_INDEX) & (prev == IGNORE_INDEX)
+
+
+def lens_probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
+    """kind -> accuracy (%) of the first answer token read from the residual stream after each decoder layer
+    (index 0 = the input embeddings; the last = the model's own prediction), through the final norm and LM head."""
+    tok = load_tokenizer_for(cfg, data_root)
+    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
+    by_id = {str(r["id"]): r for r in json.loads((data_root / file).read_text(encoding="utf-8"))}
+    client = ClientPart.from_pretrained(checkpoint / "client").eval()
+    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    decoder, head = server.llm.model, server.llm.get_output_embeddings()
+    n = len(ds) if limit <= 0 else min(limit, len(ds))
+    hits: dict[str, list[list[int]]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            samples = [ds[i] for i in range(start, min(n, start + batch_size))]
+            batch = collate(samples, pad_id=tok.pad_token_id)
+            sent = client(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+            embeds = server.assemble(sent.image.values, sent.text.values, sent.layout)
+            out = decoder(inputs_embeds=embeds, attention_mask=sent.layout.attention_mask,
+                          position_ids=sent.layout.position_ids, output_hidden_states=True)
+            states = out.hidden_states  # embeddings, then each layer (the last one already normed by HF)
+            preds = [head(decoder.norm(h) if i < len(states) - 1 else h).argmax(-1) for i, h in enumerate(states)]
+            first = _first_answer_positions(batch["labels"])
+            for b, s in enumerate(samples):
+                questions = [c["value"] for c in by_id[str(s["id"])]["conversations"]][0::2]
+                for t, pos in enumerate(first[b].nonzero().flatten().tolist()):
+                    kind = question_kind(questions[t]) if t < len(questions) else "other"
+                    hits[kind].append([int(p[b, pos - 1] == batch["labels"][b, pos]) for p in preds])
+    return {kind: [100 * sum(col) / len(rows) for col in zip(*rows)] for kind, rows in sorted(hits.items())}
+
+
 def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
     tok = load_tokenizer_for(cfg, data_root)
     ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
@@ -113,9 +152,7 @@ def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, li
             samples = [ds[i] for i in range(start, min(n, start + batch_size))]
             batch = collate(samples, pad_id=tok.pad_token_id)
             labels = batch["labels"]
-            # first label position of each assistant turn: a label preceded by an ignored label
-            prev = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
-            first = (labels != IGNORE_INDEX) & (prev == IGNORE_INDEX)
+            first = _first_answer_positions(labels)
             for shuffled, store in ((False, hits), (True, hits_shuf)):
                 pred = _predict(client, server, batch, shuffled)
                 for b, s in enumerate(samples):
@@ -193,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also: is an object patch's left/top half linearly decodable from the connector output?")
     ap.add_argument("--captions", action="store_true",
                     help="also: teacher-forced accuracy on the colour, shape and position words of captions")
+    ap.add_argument("--lens", action="store_true",
+                    help="also: the accuracy read out after every decoder layer (logit lens)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -215,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"\n{'caption word':<12} {'n':>5} {'ours':>6} {'shuffled':>9}\n")
         for kind, r in caps.items():
             sys.stdout.write(f"{kind:<12} {r['n']:>5} {r['accuracy']:>6.1f} {r['shuffled_images']:>9.1f}\n")
+    if args.lens:
+        out["lens"] = lens = lens_probe(args.checkpoint, cfg, Path(cfg.data.root), args.file, args.batch_size,
+                                        args.limit)
+        layers = len(next(iter(lens.values())))
+        sys.stdout.write(f"\n{'kind':<8} " + " ".join(f"{'emb' if i == 0 else f'L{i}':>6}" for i in range(layers))
+                         + "\n")
+        for kind, accs in lens.items():
+            sys.stdout.write(f"{kind:<8} " + " ".join(f"{a:>6.1f}" for a in accs) + "\n")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0
