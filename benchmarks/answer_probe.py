@@ -100,6 +100,16 @@ def caption_probe(checkpoint: Path, cfg, data_root: Path, n_records: int = 192, 
             for kind in groups if hits[kind, False]}
 
 
+def _open(checkpoint: Path, cfg, data_root: Path, file: str):
+    """The tokenizer, the dataset of `file`, its records by id, and the checkpoint's two parts (eval mode)."""
+    tok = load_tokenizer_for(cfg, data_root)
+    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
+    by_id = {str(r["id"]): r for r in json.loads((data_root / file).read_text(encoding="utf-8"))}
+    client = ClientPart.from_pretrained(checkpoint / "client").eval()
+    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    return tok, ds, by_id, client, server
+
+
 def _first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the first label position of each assistant turn (a label preceded by an ignored label)."""
     prev = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], dim=1)
@@ -109,11 +119,7 @@ def _first_answer_positions(labels: torch.Tensor) -> torch.Tensor:
 def lens_probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
     """kind -> accuracy (%) of the first answer token read from the residual stream after each decoder layer
     (index 0 = the input embeddings; the last = the model's own prediction), through the final norm and LM head."""
-    tok = load_tokenizer_for(cfg, data_root)
-    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
-    by_id = {str(r["id"]): r for r in json.loads((data_root / file).read_text(encoding="utf-8"))}
-    client = ClientPart.from_pretrained(checkpoint / "client").eval()
-    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    tok, ds, by_id, client, server = _open(checkpoint, cfg, data_root, file)
     decoder, head = server.llm.model, server.llm.get_output_embeddings()
     n = len(ds) if limit <= 0 else min(limit, len(ds))
     hits: dict[str, list[list[int]]] = defaultdict(list)
@@ -137,12 +143,7 @@ def lens_probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: in
 
 
 def probe(checkpoint: Path, cfg, data_root: Path, file: str, batch_size: int, limit: int) -> dict:
-    tok = load_tokenizer_for(cfg, data_root)
-    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
-    records = json.loads((data_root / file).read_text(encoding="utf-8"))
-    by_id = {str(r["id"]): r for r in records}
-    client = ClientPart.from_pretrained(checkpoint / "client").eval()
-    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    tok, ds, by_id, client, server = _open(checkpoint, cfg, data_root, file)
     n = len(ds) if limit <= 0 else min(limit, len(ds))
     hits: dict[str, list[int]] = defaultdict(list)
     hits_shuf: dict[str, list[int]] = defaultdict(list)
