@@ -16,7 +16,8 @@ Kinds (`--types`): `left`, `top` (yes/no), `shape` (the word), `shape-mc` (the s
 options "A . circle B . square" in random order; the answer is the letter: the answer word must be found among the
 options and the letter before it read), `shape-paired` (the free-form shape question and its answer, then the same
 question with options, both answers trained), `text-mc` (no image look-up: "c3 is circle", the options, the letter;
-the option look-up alone).
+the option look-up alone). `--max-options N` (3-5) gives the multiple-choice kinds 2..N options, lettered A-E: both
+shape words and distractor shapes that never answer (triangle, star, heart), as the real suite has 2-5 options.
 
 Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
 the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
@@ -38,6 +39,8 @@ FILLER = "<f>"  # in the vocabulary only with --filler, so runs without it are t
 WORDS = ["<pad>", "Is", "the", "object", "on", "left", "top", "?", "yes", "no", "What", "shape", "of", "A:", "circle",
          "square", "bottom", "right"] + [f"c{i}" for i in range(N_COLORS)]
 MC_WORDS = ["A", "B", ".", "is"]  # in the vocabulary only with a multiple-choice kind (same reason as FILLER)
+MORE_OPTIONS = ["C", "D", "E", "triangle", "star", "heart"]  # with --max-options > 2: letters and distractor shapes
+DISTRACTORS = ("triangle", "star", "heart")  # shape words that never answer: options only
 MC_KINDS = ("shape-mc", "shape-paired", "text-mc")
 FEAT_DIM, POS_DIM = 64, 32
 
@@ -53,6 +56,7 @@ class Sandbox:
         torch.manual_seed(args.seed)
         self.types = args.types.split(",")
         words = WORDS + ([FILLER] if args.filler else []) + (MC_WORDS if set(self.types) & set(MC_KINDS) else [])
+        words += MORE_OPTIONS if args.max_options > 2 else []
         self.vocab = {w: i for i, w in enumerate(words)}
         width = 256
         cfg = Qwen2Config(vocab_size=len(words), hidden_size=width, intermediate_size=688,
@@ -116,9 +120,15 @@ class Sandbox:
         return toks
 
     def _mc_turn(self, c: int, shape: int, kind: str) -> list[tuple[int, bool]]:
-        first = int(torch.randint(0, 2, ()))  # which shape word is option A
-        options = ["A", ".", SHAPE_WORDS[first], "B", ".", SHAPE_WORDS[1 - first]]
-        letter = "A" if first == shape else "B"
+        if self.args.max_options == 2:  # the draws of sessions 6-7, so their runs repeat exactly
+            first = int(torch.randint(0, 2, ()))  # which shape word is option A
+            words = [SHAPE_WORDS[first], SHAPE_WORDS[1 - first]]
+        else:  # 2..N options: both shape words and distractors, shuffled
+            k = int(torch.randint(2, self.args.max_options + 1, ()))
+            words = list(SHAPE_WORDS) + [DISTRACTORS[i] for i in torch.randperm(len(DISTRACTORS))[:k - 2].tolist()]
+            words = [words[i] for i in torch.randperm(k).tolist()]
+        options = [t for j, w in enumerate(words) for t in ("ABCDE"[j], ".", w)]
+        letter = "ABCDE"[words.index(SHAPE_WORDS[shape])]
         question = ["What", "shape", "of", "the", f"c{c}", "object", "?"]
         fill = [FILLER] * self.args.filler
         toks: list[tuple[int, bool]] = []
@@ -191,6 +201,9 @@ def main() -> None:
                    help="mix in caption sequences (every other step), objects listed by colour or reading order")
     p.add_argument("--filler", type=int, default=0,
                    help="filler tokens between the question and the answer (the real template has ~10)")
+    p.add_argument("--max-options", type=int, default=2, choices=range(2, 6),
+                   help="multiple-choice kinds draw 2..N options (letters A-E): both shape words and distractor "
+                        "shapes that never answer, as the real suite has 2-5 options")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
