@@ -38,9 +38,6 @@ from qtllava.config import from_dict
 from qtllava.train import server_runtime
 from qtllava.train.loop import run_stage
 
-log = logging.getLogger("bench.grad_codecs")
-
-
 def collect(run: Path, stage: str, steps: int, init: Path) -> list[torch.Tensor]:
     """The gradient tensors the server encodes in the first `steps` steps of `stage` (two per step: image, text),
     trained from `init` with the run's configuration."""
