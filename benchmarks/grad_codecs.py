@@ -2,9 +2,9 @@
 
 The gradients that the server returns to the client in the first `--steps` steps of a stage (stage 2 by default),
 started from a study run's checkpoint (`--run`, a folder with pipeline.json and stage1/final, by default the study's
-fsq L = 4 ans, frozen maps, seed 0; stage 1 starts from the base, `--init`) and trained as the study trains them, are kept and coded again with every
-registered gradient codec (rounding to nearest, and stochastic where the codec has a grid), and with two reference
-quantizers that are not on the wire:
+fsq L = 4 ans, frozen maps, seed 0; stage 1 starts from the base, `--init`) and trained as the study trains them,
+are kept and coded again with every registered gradient codec (rounding to nearest, and stochastic where the codec
+has a grid), and with two reference quantizers that are not on the wire:
 
 - `ecsq rms/k`: uniform steps of (row rms) / k, symbols ANS-coded: the entropy-coded scalar quantizer, which at
   these rates is within 0.25 bits (1.53 dB) of the rate-distortion bound of a Gaussian source;
@@ -37,6 +37,7 @@ from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names
 from qtllava.config import from_dict
 from qtllava.train import server_runtime
 from qtllava.train.loop import run_stage
+
 
 def collect(run: Path, stage: str, steps: int, init: Path) -> list[torch.Tensor]:
     """The gradient tensors the server encodes in the first `steps` steps of `stage` (two per step: image, text),
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['cosine']:>8.4f} {r['gaussian_bound']:>12.4f}\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "meta": {"run": str(args.run), "init": str(init), "stage": args.stage, "steps": args.steps, "threads": args.threads,
-                 "machine": platform.machine(), "torch": torch.__version__, "command": " ".join(sys.argv)},
+        "meta": {"run": str(args.run), "init": str(init), "stage": args.stage, "steps": args.steps,
+                 "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
+                 "command": " ".join(sys.argv)},
         "gradients": shape, "rows": rows}, indent=1))
     return 0
 
