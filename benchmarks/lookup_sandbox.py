@@ -18,6 +18,8 @@ options and the letter before it read), `shape-paired` (the free-form shape ques
 question with options, both answers trained), `text-mc` (no image look-up: "c3 is circle", the options, the letter;
 the option look-up alone). `--max-options N` (3-5) gives the multiple-choice kinds 2..N options, lettered A-E: both
 shape words and distractor shapes that never answer (triangle, star, heart), as the real suite has 2-5 options.
+`--two-options-until STEP` (a curriculum) and `--two-option-share P` give training turns two options more often;
+the accuracy printed is always on 2..N options drawn evenly.
 
 Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
 the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
@@ -72,6 +74,7 @@ class Sandbox:
         self.connector = nn.Sequential(nn.Linear(FEAT_DIM + POS_DIM, width), nn.GELU(), nn.Linear(width, width))
         self.params = list(self.model.parameters()) + list(self.connector.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.step, self.evaluating = 0, False  # the option-count schedule reads them; evaluation draws 2..N evenly
 
     def scene(self) -> tuple[torch.Tensor, list[tuple[bool, bool, int]]]:
         """Patch features (64 x (FEAT_DIM + POS_DIM)) and per colour (is_left, is_top, shape)."""
@@ -125,6 +128,9 @@ class Sandbox:
             words = [SHAPE_WORDS[first], SHAPE_WORDS[1 - first]]
         else:  # 2..N options: both shape words and distractors, shuffled
             k = int(torch.randint(2, self.args.max_options + 1, ()))
+            share = 1.0 if self.step <= self.args.two_options_until else self.args.two_option_share
+            if share > 0 and not self.evaluating and float(torch.rand(())) < share:  # no draw at 0: old runs repeat
+                k = 2
             words = list(SHAPE_WORDS) + [DISTRACTORS[i] for i in torch.randperm(len(DISTRACTORS))[:k - 2].tolist()]
             words = [words[i] for i in torch.randperm(k).tolist()]
         options = [t for j, w in enumerate(words) for t in ("ABCDE"[j], ".", w)]
@@ -159,6 +165,7 @@ class Sandbox:
     def train(self) -> None:
         a, t0 = self.args, time.time()
         for step in range(1, a.steps + 1):
+            self.step = step
             for group in self.opt.param_groups:
                 group["lr"] = a.lr * min(1.0, step / 50)
             emb, labels = self.batch(a.batch, caption=bool(a.captions) and step % 2 == 1)
@@ -169,6 +176,7 @@ class Sandbox:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             if step % 100 == 0:
+                self.evaluating = True
                 with torch.no_grad():
                     emb, labels = self.batch(256)
                     pred = self.model(inputs_embeds=emb).logits.argmax(-1)
@@ -183,6 +191,7 @@ class Sandbox:
                             last = labels.ne(-100).cumsum(1).eq(labels.ne(-100).sum(1, keepdim=True)) & labels.ne(-100)
                             per_kind += f" {kind} {(pred[last] == labels[last]).float().mean().item():.3f}"
                         torch.set_rng_state(state)
+                self.evaluating = False
                 print(f"step {step} loss {loss.item():.3f} answer accuracy {acc:.3f}{per_kind} "
                       f"({time.time() - t0:.0f} s)", flush=True)
 
@@ -204,6 +213,10 @@ def main() -> None:
     p.add_argument("--max-options", type=int, default=2, choices=range(2, 6),
                    help="multiple-choice kinds draw 2..N options (letters A-E): both shape words and distractor "
                         "shapes that never answer, as the real suite has 2-5 options")
+    p.add_argument("--two-options-until", type=int, default=0, metavar="STEP",
+                   help="with --max-options > 2: only two options up to this training step (a curriculum)")
+    p.add_argument("--two-option-share", type=float, default=0.0, metavar="P",
+                   help="with --max-options > 2: this share of the training turns gets two options")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

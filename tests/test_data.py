@@ -136,6 +136,29 @@ def test_mc_fraction_asks_every_kind_as_multiple_choice(root, tmp_path):
         make_data(micro_cfg(mc_fraction=1.5), S, root=tmp_path / "bad")
 
 
+def test_mc_max_options_caps_the_training_options_only(root, tmp_path):
+    """data.mc_max_options = 2: every lettered turn of the instruction corpus has two options, the right one among
+    them, while the soc-mc suite keeps its 2-5 options; the manifest records the setting."""
+    from qtllava.data.questions import LETTERS, MC_INSTRUCTION
+
+    r = make_data(micro_cfg(mc_fraction=0.5, mc_max_options=2), S, root=tmp_path / "mc2")
+    assert json.loads((r / "manifest.json").read_text())["settings"]["mc_max_options"] == 2
+    assert "mc_max_options" not in json.loads((root / "manifest.json").read_text())["settings"]
+    counts = []
+    for rec in json.loads((r / "instruct_train.json").read_text()):
+        conv = rec["conversations"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            if q["value"].endswith(MC_INSTRUCTION):
+                options = [line for line in q["value"].split("\n") if line[:1] in LETTERS and line[1:3] == ". "]
+                counts.append(len(options))
+                assert a["value"] in LETTERS[:len(options)]
+    assert len(counts) > 10 and set(counts) == {2}
+    suite = [json.loads(line) for line in (r / "suites" / "soc-mc" / "answers.jsonl").read_text().splitlines()]
+    assert max(len(a["choices"]) for a in suite) > 2
+    with pytest.raises(ValueError, match="mc_max_options"):
+        make_data(micro_cfg(mc_max_options=6), S, root=tmp_path / "bad")
+
+
 def test_refuses_foreign_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "mine.png").write_bytes(b"x")

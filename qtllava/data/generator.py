@@ -78,7 +78,8 @@ def _gen_settings(cfg: Any, image_size: int) -> dict[str, Any]:
             "n_val": int(cfg.n_val), "n_per_suite": int(cfg.n_per_suite), "vocab_size": int(cfg.vocab_size),
             "image_size": int(image_size),
             # knobs added later enter only when set, so that data made before they existed stays valid
-            **({"mc_fraction": float(cfg.mc_fraction)} if cfg.mc_fraction else {})}
+            **({"mc_fraction": float(cfg.mc_fraction)} if cfg.mc_fraction else {}),
+            **({"mc_max_options": int(cfg.mc_max_options)} if cfg.mc_max_options != 5 else {})}
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
@@ -220,15 +221,17 @@ def _caption_record(scene: Scene, rng: np.random.Generator) -> list[dict[str, st
     return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": Q.caption(scene)}]
 
 
-def _turn_pool(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0) -> list[tuple[str, str]]:
+def _turn_pool(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0,
+               mc_max_options: int = 5) -> list[tuple[str, str]]:
     """Candidate (prompt, answer) turns covering every suite question type of the scene's kind; each question in its
-    multiple-choice form with probability `mc_fraction`."""
+    multiple-choice form (at most `mc_max_options` options) with probability `mc_fraction`."""
     pool: list[Q.QA | None] = []
     if scene.kind == "soc":
         for t in Q.SOC_NONREL + Q.SOC_REL:
             pool.append(Q.soc_question(scene, t, rng))
         pool.append(Q.soc_question(scene, ("closest_color", "furthest_color")[int(rng.integers(0, 2))], rng))
-        pool.append(Q.soc_mc_question(scene, Q.SOC_MC_TYPES[int(rng.integers(0, len(Q.SOC_MC_TYPES)))], rng))
+        pool.append(Q.soc_mc_question(scene, Q.SOC_MC_TYPES[int(rng.integers(0, len(Q.SOC_MC_TYPES)))], rng,
+                                      mc_max_options))
     elif scene.kind == "glyph":
         for i in range(len(scene.words)):
             pool.append(Q.glyph_question(scene, i))
@@ -243,12 +246,14 @@ def _turn_pool(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0)
                 pool.append(pair[int(rng.integers(0, 2))])
     qas = [qa for qa in pool if qa is not None]
     if mc_fraction:  # no draw at 0, so the records of earlier versions come out unchanged
-        qas = [Q.as_multiple_choice(qa, scene, rng) if "choices" not in qa.extra and rng.random() < mc_fraction
+        qas = [Q.as_multiple_choice(qa, scene, rng, mc_max_options)
+               if "choices" not in qa.extra and rng.random() < mc_fraction
                else qa for qa in qas]
     return [(qa.text, qa.answer) for i in rng.permutation(len(qas)) for qa in [qas[int(i)]]]
 
 
-def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0) -> list[dict[str, str]]:
+def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float = 0.0,
+                     mc_max_options: int = 5) -> list[dict[str, str]]:
     turns: list[tuple[str, str]] = []
     u = rng.random()
     if u < _P_CAPTION_TURN:
@@ -257,7 +262,7 @@ def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float 
         # multiple-choice turns are long; leading with one makes sure enough of them fit the budget
         free = Q.soc_question(scene, Q.SOC_MC_TYPES[int(rng.integers(0, len(Q.SOC_MC_TYPES)))], rng)
         if free is not None:
-            mc = Q.as_multiple_choice(free, scene, rng)
+            mc = Q.as_multiple_choice(free, scene, rng, mc_max_options)
             pair = sum(map(estimate_tokens, (free.text, free.answer, mc.text, mc.answer))) + 2 * _CHATML_TURN_OVERHEAD
             if rng.random() < _P_MC_PAIRED and 2 + pair <= TEXT_BUDGET - 4:  # else the budget drops the letter turn
                 turns.append((free.text, free.answer))
@@ -265,7 +270,7 @@ def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float 
     max_turns = int(rng.integers(2, 5))
     used = 2  # "<image>\n"
     conv: list[dict[str, str]] = []
-    for prompt, answer in turns + _turn_pool(scene, rng, mc_fraction):
+    for prompt, answer in turns + _turn_pool(scene, rng, mc_fraction, mc_max_options):
         cost = estimate_tokens(prompt) + estimate_tokens(answer) + _CHATML_TURN_OVERHEAD
         if conv and (used + cost > TEXT_BUDGET - 4 or len(conv) // 2 >= max_turns):
             continue
@@ -404,6 +409,8 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
         raise ValueError(f"image_size must be at least 16, got {image_size}")
     if not 0.0 <= cfg.mc_fraction <= 1.0:
         raise ValueError(f"data.mc_fraction must be in [0, 1], got {cfg.mc_fraction}")
+    if not 2 <= cfg.mc_max_options <= len(Q.LETTERS):
+        raise ValueError(f"data.mc_max_options must be in [2, {len(Q.LETTERS)}], got {cfg.mc_max_options}")
     settings = _gen_settings(cfg, image_size)
     if not force and _cache_valid(root, settings):
         log.info("data in %s is up to date (manifest matches)", root)
@@ -417,7 +424,8 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     with ThreadPoolExecutor(max_workers=_WRITERS) as pool:
         ctx = _Ctx(root=root, lay=Layout(image_size), seed=int(cfg.seed), seen={}, pool=pool)
         captions = _make_corpus(ctx, "captions", cfg.n_caption, _CAPTION_MIX, _caption_record)
-        instruct = functools.partial(_instruct_record, mc_fraction=float(cfg.mc_fraction))
+        instruct = functools.partial(_instruct_record, mc_fraction=float(cfg.mc_fraction),
+                                     mc_max_options=int(cfg.mc_max_options))
         train = _make_corpus(ctx, "instruct_train", cfg.n_instruct, _INSTRUCT_MIX, instruct)
         val = _make_corpus(ctx, "instruct_val", cfg.n_val, _INSTRUCT_MIX, instruct)
         metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}

@@ -210,18 +210,23 @@ def _mc_candidates(qtype: str, scene: Scene, qa: QA) -> list[str]:
     raise ValueError(qtype)
 
 
-def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | None:
-    """A multiple-choice version: 2-5 shuffled options (lettered A-E) that include the correct one."""
+def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator, max_options: int = 5) -> QA | None:
+    """A multiple-choice version: 2-`max_options` shuffled options (lettered A-E) that include the correct one."""
     qa = soc_question(scene, qtype, rng)
-    return None if qa is None else as_multiple_choice(qa, scene, rng)
+    return None if qa is None else as_multiple_choice(qa, scene, rng, max_options)
 
 
-def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator) -> QA:
+def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator, max_options: int = 5) -> QA:
     """The multiple-choice form of a free-form question (a new QA; `qa` is left as it is): Sort-of-CLEVR types,
-    glyph words and their colours, and any yes/no question."""
+    glyph words and their colours, and any yes/no question. `max_options` (2-5) caps the number of options."""
+    if not 2 <= max_options <= len(LETTERS):
+        raise ValueError(f"max_options must be in [2, {len(LETTERS)}], got {max_options}")
     cands = _mc_candidates(qa.type, scene, qa)
-    # two-candidate types (shape, yes/no) give 2 options; the others 3-5, so every option count is common
-    k = 2 if len(cands) == 2 else int(rng.integers(3, min(5, len(cands)) + 1))
+    # two-candidate types (shape, yes/no) give 2 options; the others 3-max_options, so every option count is common
+    if len(cands) == 2 or max_options == 2:
+        k = 2
+    else:
+        k = int(rng.integers(3, min(max_options, len(cands)) + 1))
     wrong = [c for c in cands if c != qa.answer]
     opts = [qa.answer] + [wrong[int(i)] for i in rng.choice(len(wrong), size=k - 1, replace=False)]
     opts = [opts[int(i)] for i in rng.permutation(k)]
