@@ -19,7 +19,7 @@ question with options, both answers trained), `text-mc` (no image look-up: "c3 i
 the option look-up alone). `--max-options N` (3-5) gives the multiple-choice kinds 2..N options, lettered A-E: both
 shape words and distractor shapes that never answer (triangle, star, heart), as the real suite has 2-5 options.
 `--two-options-until STEP` (a curriculum) and `--two-option-share P` give training turns two options more often;
-the accuracy printed is always on 2..N options drawn evenly.
+the accuracy printed is on 2..N options drawn evenly, then per number of options.
 
 Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
 the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
@@ -74,7 +74,8 @@ class Sandbox:
         self.connector = nn.Sequential(nn.Linear(FEAT_DIM + POS_DIM, width), nn.GELU(), nn.Linear(width, width))
         self.params = list(self.model.parameters()) + list(self.connector.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        self.step, self.evaluating = 0, False  # the option-count schedule reads them; evaluation draws 2..N evenly
+        # the option-count schedule reads them; evaluation draws 2..N evenly, or `forced_options` options
+        self.step, self.evaluating, self.forced_options = 0, False, 0
 
     def scene(self) -> tuple[torch.Tensor, list[tuple[bool, bool, int]]]:
         """Patch features (64 x (FEAT_DIM + POS_DIM)) and per colour (is_left, is_top, shape)."""
@@ -131,6 +132,7 @@ class Sandbox:
             share = 1.0 if self.step <= self.args.two_options_until else self.args.two_option_share
             if share > 0 and not self.evaluating and float(torch.rand(())) < share:  # no draw at 0: old runs repeat
                 k = 2
+            k = self.forced_options or k
             words = list(SHAPE_WORDS) + [DISTRACTORS[i] for i in torch.randperm(len(DISTRACTORS))[:k - 2].tolist()]
             words = [words[i] for i in torch.randperm(k).tolist()]
         options = [t for j, w in enumerate(words) for t in ("ABCDE"[j], ".", w)]
@@ -162,6 +164,15 @@ class Sandbox:
         labels[:, img.shape[1] - 1:-1] = torch.where(is_target, ids, torch.full_like(ids, -100))  # position t -> t+1
         return emb, labels
 
+    def _accuracy(self, kind: str, options: int = 0) -> float:
+        """Answer accuracy of `kind` on 256 fresh sequences (with `options` options each, if given)."""
+        self.forced_options = options
+        emb, labels = self.batch(256, kind=kind)
+        self.forced_options = 0
+        pred = self.model(inputs_embeds=emb).logits.argmax(-1)
+        last = labels.ne(-100).cumsum(1).eq(labels.ne(-100).sum(1, keepdim=True)) & labels.ne(-100)
+        return (pred[last] == labels[last]).float().mean().item()
+
     def train(self) -> None:
         a, t0 = self.args, time.time()
         for step in range(1, a.steps + 1):
@@ -186,10 +197,10 @@ class Sandbox:
                     if len(self.types) > 1:  # each kind alone, on its own random numbers (training draws unchanged)
                         state = torch.get_rng_state()
                         for kind in self.types:
-                            emb, labels = self.batch(256, kind=kind)
-                            pred = self.model(inputs_embeds=emb).logits.argmax(-1)
-                            last = labels.ne(-100).cumsum(1).eq(labels.ne(-100).sum(1, keepdim=True)) & labels.ne(-100)
-                            per_kind += f" {kind} {(pred[last] == labels[last]).float().mean().item():.3f}"
+                            per_kind += f" {kind} {self._accuracy(kind):.3f}"
+                            if kind in MC_KINDS and a.max_options > 2:  # and per number of options
+                                per_kind += " (" + " ".join(f"{k}: {self._accuracy(kind, k):.2f}"
+                                                            for k in range(2, a.max_options + 1)) + ")"
                         torch.set_rng_state(state)
                 self.evaluating = False
                 print(f"step {step} loss {loss.item():.3f} answer accuracy {acc:.3f}{per_kind} "
