@@ -162,7 +162,8 @@ class DataConfig:
     # asked in its multiple-choice form, on top of the Sort-of-CLEVR multiple-choice turns every version has
     mc_fraction: float = 0.0
     # at most this many options in the instruction corpus's multiple-choice turns (2-5; the suites keep 2-5): 2 makes
-    # every lettered training turn a two-option one, the form the from-scratch decoder learns (docs/baseline.md)
+    # every lettered training turn a two-option one (the sandbox learns the letter with 2 options, not with 2-5;
+    # docs/baseline.md)
     mc_max_options: int = 5
     tokenizer: str = ""  # folder with a tokenizer; empty: the one stored with the generated data
 
