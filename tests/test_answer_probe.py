@@ -1,8 +1,5 @@
 """benchmarks/answer_probe.py: the logit lens read after the last decoder layer is the model's own prediction."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,12 +10,8 @@ from qtllava.train.loop import run_stage
 
 
 @pytest.fixture(scope="module")
-def answer_probe():
-    path = Path(__file__).parents[1] / "benchmarks" / "answer_probe.py"
-    spec = importlib.util.spec_from_file_location("bench_answer_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def answer_probe(benchmark_module):
+    return benchmark_module("answer_probe")
 
 
 def test_lens_last_layer_is_the_models_prediction(answer_probe, tmp_path):

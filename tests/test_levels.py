@@ -2,10 +2,8 @@
 codec benchmark's trained-checkpoint source. One micro pipeline (stage 0 = an identity fp32 checkpoint, stage 2 =
 an fsq/ans checkpoint) is trained once for the module."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -112,11 +110,8 @@ def test_recommendation_uses_accuracy_and_budget(run):
     assert low["recommended"] in (2, 4) and "no L fits" in low["reasoning"]
 
 
-def test_codec_benchmark_hook(run):
-    spec = importlib.util.spec_from_file_location("bench_codec",
-                                                  Path(__file__).parents[1] / "benchmarks" / "codec.py")
-    codec = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(codec)
+def test_codec_benchmark_hook(run, benchmark_module):
+    codec = benchmark_module("codec")
     feats = codec.features_from_checkpoint(run["fsq"], run["root"], batch=4)
     part = ClientPart.from_pretrained(run["fsq"] / "client")
     assert feats["image"].shape == (4 * part.vision_tower.num_tokens, part.hidden_size)

@@ -1,8 +1,5 @@
 """benchmarks/loss_share.py: the replayed batches are the training batches, and the shares add up."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from qtllava.config import load_config
@@ -11,12 +8,8 @@ from qtllava.train.loop import load_tokenizer_for, stage_batches
 
 
 @pytest.fixture(scope="module")
-def loss_share():
-    path = Path(__file__).parents[1] / "benchmarks" / "loss_share.py"
-    spec = importlib.util.spec_from_file_location("bench_loss_share", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def loss_share(benchmark_module):
+    return benchmark_module("loss_share")
 
 
 def test_replay_matches_the_training_batches(loss_share, tmp_path):

@@ -1,17 +1,11 @@
 """benchmarks/study.py's summary: means over seeds, differences to fp16 in points, verdicts against the targets."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("bench_study", Path(__file__).parents[1] / "benchmarks" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def study(benchmark_module):
+    return benchmark_module("study")
 
 
 def _row(config, seed, vqa, mme):
