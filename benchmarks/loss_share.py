@@ -22,7 +22,7 @@ import numpy as np
 
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset
-from qtllava.train.loop import STAGES, load_tokenizer_for, sample_indices
+from qtllava.train.loop import STAGES, load_tokenizer_for, micro_batch_indices
 from qtllava.train.recipes import recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,10 +67,7 @@ def stage_turns(cfg, stage: str) -> list[list[tuple[str, int]]]:
 def batch_turns(cfg, stage: str, turns: list[list[tuple[str, int]]], step: int, micro: int = 0
                 ) -> list[tuple[str, int]]:
     """The turns of the stage's micro-batch `micro` of `step` (the sampler of qtllava.train.loop.stage_batches)."""
-    st = getattr(cfg.train, stage)
-    pos = (step * st.grad_accum + micro) * st.batch_size
-    seed = cfg.train.seed * 1000 + STAGES.index(stage)
-    return [t for j in sample_indices(len(turns), st.batch_size, pos, seed) for t in turns[j]]
+    return [t for j in micro_batch_indices(cfg, stage, len(turns), step, micro) for t in turns[j]]
 
 
 def loss_shares(cfg, stage: str, steps: int) -> dict[str, dict[str, float]]:

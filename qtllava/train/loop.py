@@ -86,6 +86,13 @@ def sample_indices(n: int, batch: int, position: int, seed: int) -> list[int]:
     return out
 
 
+def micro_batch_indices(cfg: Config, stage: str, n: int, step: int, micro: int = 0) -> list[int]:
+    """Indices (into the stage's n samples) of micro-batch `micro` of `step`: a pure function of seed and step."""
+    st = getattr(cfg.train, stage)
+    pos = (step * st.grad_accum + micro) * st.batch_size
+    return sample_indices(n, st.batch_size, pos, cfg.train.seed * 1000 + STAGES.index(stage))
+
+
 @dataclasses.dataclass
 class StageRun:
     stage: str
@@ -215,13 +222,11 @@ def stage_batches(cfg: Config, stage: str, data_root: Path, tok, shard: tuple[in
         if not 0 <= i < n:
             raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
         index = index[i::n]
-    seed = cfg.train.seed * 1000 + STAGES.index(stage)
 
     def batches(step: int) -> list[dict]:
         micro = []
         for m in range(st.grad_accum):
-            pos = (step * st.grad_accum + m) * st.batch_size
-            samples = [datasets[index[j][0]][index[j][1]] for j in sample_indices(len(index), st.batch_size, pos, seed)]
+            samples = [datasets[index[j][0]][index[j][1]] for j in micro_batch_indices(cfg, stage, len(index), step, m)]
             micro.append(collate(samples, pad_id=tok.pad_token_id, padding_side="right"))
         return micro
 
