@@ -30,8 +30,10 @@ from qtllava.model.parts import ClientPart, ServerPart
 from qtllava.train.loop import load_tokenizer_for
 
 
-def matching_turns(path: Path, pattern: str, choices: bool = False) -> list[dict]:
-    """Matching turns as one-turn records; multiple-choice turns only with `choices`."""
+def matching_turns(path: Path, pattern: str, choices: bool = False,
+                   rewrite: tuple[str, str] | None = None) -> list[dict]:
+    """Matching turns as one-turn records; multiple-choice turns only with `choices`; `rewrite` = (regular
+    expression, replacement) applied to each matching question (e.g. another option format)."""
     pat = re.compile(pattern)
     out = []
     for rec in json.loads(path.read_text(encoding="utf-8")):
@@ -39,6 +41,8 @@ def matching_turns(path: Path, pattern: str, choices: bool = False) -> list[dict
         for q, a in zip(conv[0::2], conv[1::2]):
             question = q["value"].replace("<image>", "").strip()
             if pat.search(question) and (choices or MC_INSTRUCTION not in question):
+                if rewrite is not None:
+                    question = re.sub(rewrite[0], rewrite[1], question)
                 out.append({"id": f"{rec['id']}-{len(out)}", "image": rec["image"],
                             "conversations": [{"from": "human", "value": "<image>\n" + question}, a]})
     return out
@@ -67,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rewrite", nargs=2, metavar=("PATTERN", "REPL"),
+                    help="rewrite each question with re.sub(PATTERN, REPL, question), e.g. the option format")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     root = Path(cfg.data.root)
     torch.manual_seed(args.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    turns = matching_turns(root / "instruct_train.json", args.pattern, args.choices)
+    turns = matching_turns(root / "instruct_train.json", args.pattern, args.choices,
+                           tuple(args.rewrite) if args.rewrite else None)
     if len(turns) <= args.held_out:
         raise SystemExit(f"only {len(turns)} turns match {args.pattern!r}; need more than --held-out {args.held_out}")
     tok = load_tokenizer_for(cfg, root)

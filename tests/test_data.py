@@ -366,6 +366,33 @@ def test_pretrain_and_llama_templates(tok):
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == " red circle<|endoftext|>"
 
 
+def test_qwen2_base_template_answers_with_the_options_tokens(root, tok, tmp_path):
+    """TinyLLaVA's "qwen2_base" puts a space before the answer, so its first word is the token that word has inside
+    a sentence and in the options of a multiple-choice question ("Ġcircle"); ChatML's "qwen2" answers right after
+    a newline, with another token ("circle"). Data made for it trains the role words into the tokenizer and records
+    the template in the manifest (data made for "qwen2" does not, so it stays valid)."""
+    mc = [{"from": "human", "value": "<image>\nWhat is the shape of the red object?\nA. square\nB. circle\n"
+           "Answer with one word."}, {"from": "gpt", "value": "circle"}]
+
+    def answer_is_option_token(t, template):
+        ids, labels = get_template(template).encode(mc, t)
+        first = next(i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX)
+        return first in ids[:labels.index(first)]
+
+    assert not answer_is_option_token(tok, "qwen2")
+    r = make_data(micro_cfg(template="qwen2_base"), S, root=tmp_path / "tb")
+    assert json.loads((r / "manifest.json").read_text())["settings"]["template"] == "qwen2_base"
+    assert "template" not in json.loads((root / "manifest.json").read_text())["settings"]
+    tb = load_tokenizer(r / "tokenizer")
+    assert answer_is_option_token(tb, "qwen2_base")
+    for w in ("USER", "ASSISTANT"):
+        assert len(tb(w, add_special_tokens=False)["input_ids"]) == 1, w
+    ids, labels = get_template("qwen2_base").encode(CONV, tb, num_image_tokens=1)
+    assert tb.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == \
+        " circle<|endoftext|> yes<|endoftext|>"
+    assert tb.decode(get_template("qwen2_base").encode_prompt(CONV[:1], tb)).endswith("ASSISTANT:")
+
+
 # --- datasets and collate ----------------------------------------------------------------------------------
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import questions as Q
-from .tokenizer import train_tokenizer
+from .templates import get_template
+from .tokenizer import SPECIAL_TOKENS, train_tokenizer
 from .world import Layout, Scene, sample_glyph, sample_shape, sample_soc, render
 
 __all__ = ["GENERATOR_VERSION", "SUITES", "SUITE_METRICS", "make_data", "read_manifest", "suite_size", "TEXT_BUDGET",
@@ -42,9 +43,10 @@ SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
 SUITE_METRICS = {"soc-vqa": "vqa_accuracy", "soc-mc": "mc_accuracy", "glyph-vqa": "vqa_accuracy",
                  "shape-pope": "pope", "shape-mme": "mme"}
 QUESTIONS_PER_IMAGE = {"soc-vqa": 2, "soc-mc": 1, "glyph-vqa": 1, "shape-pope": 6, "shape-mme": 8}
-# Text tokens (ChatML "qwen2" template, the `<image>` placeholder counted as one token) an instruction conversation
-# may use: max_length - image tokens of the micro preset (96 - 16); the tiny preset has 160 - 64 = 96. Turns are
-# picked by an estimate (TEXT_BUDGET - 4), then trailing turns dropped while the trained tokenizer says too long.
+# Text tokens (under the data's chat template, the `<image>` placeholder counted as one token) an instruction
+# conversation may use: max_length - image tokens of the micro preset (96 - 16); the tiny preset has 160 - 64 = 96.
+# Turns are picked by an estimate (TEXT_BUDGET - 4, with ChatML's overhead per turn, the largest of the templates),
+# then trailing turns dropped while the trained tokenizer says too long.
 TEXT_BUDGET = 80
 _CHATML_TURN_OVERHEAD = 10
 _STREAMS = {"captions": 1, "instruct_train": 2, "instruct_val": 3,
@@ -79,7 +81,8 @@ def _gen_settings(cfg: Any, image_size: int) -> dict[str, Any]:
             "image_size": int(image_size),
             # knobs added later enter only when set, so that data made before they existed stays valid
             **({"mc_fraction": float(cfg.mc_fraction)} if cfg.mc_fraction else {}),
-            **({"mc_max_options": int(cfg.mc_max_options)} if cfg.mc_max_options != 5 else {})}
+            **({"mc_max_options": int(cfg.mc_max_options)} if cfg.mc_max_options != 5 else {}),
+            **({"template": str(cfg.template)} if cfg.template != "qwen2" else {})}
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
@@ -374,25 +377,34 @@ def _make_suite(ctx: _Ctx, suite: str, n_per_suite: int) -> dict[str, Any]:
 # --- entry point -------------------------------------------------------------------------------------------
 
 
-def _training_texts(*corpora: list[dict[str, Any]]):
-    """The training text as the chat templates lay it out (role words included; special tokens left out, they
+def _role_prefixes(template: str) -> dict[str, str]:
+    """The text a chat template puts before a human and an assistant turn's content, special tokens left out
+    ("user\n" / "assistant\n" for ChatML, "USER: " / "ASSISTANT: " for the Vicuna-style templates)."""
+    t = get_template(template)
+    human = t.user.split("{content}")[0]
+    gpt = t.assistant_prefix + t.assistant.split("{content}")[0]
+    for s in SPECIAL_TOKENS:
+        human, gpt = human.replace(s, ""), gpt.replace(s, "")
+    return {"human": human, "gpt": gpt}
+
+
+def _training_texts(*corpora: list[dict[str, Any]], template: str = "qwen2"):
+    """The training text as the chat template lays it out (role words included; special tokens left out, they
     are added tokens), plus every answer word, alone and after a space, weighted so that even a tiny corpus and
     vocabulary make each of them a single token."""
+    prefix = _role_prefixes(template)
     for _ in range(_WORLD_WORD_WEIGHT):
         yield from Q.WORLD_WORDS
         yield " " + " ".join(Q.WORLD_WORDS)
     for recs in corpora:
         for r in recs:
             for t in r["conversations"]:
-                role = "user" if t["from"] == "human" else "assistant"
-                yield f"{role}\n" + t["value"].replace("<image>", "")
+                yield prefix[t["from"]] + t["value"].replace("<image>", "")
 
 
-def _fit_budget(records: list[dict[str, Any]], tok: Any) -> None:
+def _fit_budget(records: list[dict[str, Any]], tok: Any, template: str = "qwen2") -> None:
     """Drop trailing turns (never the first) of conversations longer than TEXT_BUDGET text tokens."""
-    from .templates import get_template
-
-    tmpl = get_template("qwen2")
+    tmpl = get_template(template)
     for r in records:
         conv = r["conversations"]
         while len(conv) > 2 and len(tmpl.encode(conv, tok, num_image_tokens=1)[0]) > TEXT_BUDGET:
@@ -431,8 +443,9 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
         metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
         images_sha = ctx.finish()
     _dump_jsonl(root / "scenes.jsonl", ctx.scenes)
-    tok = train_tokenizer(_training_texts(captions, train), cfg.vocab_size, root / "tokenizer")
-    _fit_budget(train + val, tok)
+    tok = train_tokenizer(_training_texts(captions, train, template=cfg.template), cfg.vocab_size,
+                          root / "tokenizer")
+    _fit_budget(train + val, tok, cfg.template)
     _dump_json(root / "captions.json", captions)
     _dump_json(root / "instruct_train.json", train)
     _dump_json(root / "instruct_val.json", val)

@@ -184,6 +184,18 @@ register_template(Template(
     stop=("<|im_end|>", "{eos}"),
 ))
 
+# TinyLLaVA Factory's "qwen2_base": Vicuna-v1 turns closed by the Qwen2 eos, no bos. The answer follows
+# "ASSISTANT:" and a space, so a byte-level BPE gives its first word the same token as inside a sentence
+# ("Ġcircle"), which is the token the options of a multiple-choice question carry.
+register_template(Template(
+    name="qwen2_base",
+    system="{system} ",
+    user="USER: {content} ",
+    assistant_prefix="ASSISTANT:",
+    assistant=" {content}{eos}",
+    stop=("{eos}",),
+))
+
 # Vicuna-v1 style, as LLaVA/TinyLLaVA use with Llama-family LLMs.
 register_template(Template(
     name="llama",
