@@ -19,7 +19,10 @@ question with options, both answers trained), `text-mc` (no image look-up: "c3 i
 the option look-up alone). `--max-options N` (3-5) gives the multiple-choice kinds 2..N options, lettered A-E: both
 shape words and distractor shapes that never answer (triangle, star, heart), as the real suite has 2-5 options.
 `--two-options-until STEP` (a curriculum) and `--two-option-share P` give training turns two options more often;
-the accuracy printed is on 2..N options drawn evenly, then per number of options.
+the accuracy printed is on 2..N options drawn evenly, then per number of options. `--spaced-words` gives each
+shape word a second token (" circle", as a byte-level BPE spells a word after a space) used in captions and in
+the options, while free-form answers keep the bare one: the real data under ChatML, where the answer follows a
+newline (docs/baseline.md, "Session 10").
 
 Prints the loss and the answer accuracy on 256 fresh scenes every 100 steps (one thread; ~25 s per 100 steps on
 the 2-core development machine). docs/baseline.md ("Caption order") has the measurements.
@@ -59,6 +62,7 @@ class Sandbox:
         self.types = args.types.split(",")
         words = WORDS + ([FILLER] if args.filler else []) + (MC_WORDS if set(self.types) & set(MC_KINDS) else [])
         words += MORE_OPTIONS if args.max_options > 2 else []
+        words += [" " + w for w in SHAPE_WORDS + DISTRACTORS] if args.spaced_words else []
         self.vocab = {w: i for i, w in enumerate(words)}
         width = 256
         cfg = Qwen2Config(vocab_size=len(words), hidden_size=width, intermediate_size=688,
@@ -102,7 +106,8 @@ class Sandbox:
                 order = sorted(range(N_COLORS), key=lambda c: (not info[c][1], not info[c][0]))
             for c in order:
                 left, top, shape = info[c]
-                words = (f"c{c}", SHAPE_WORDS[shape], "top" if top else "bottom", "left" if left else "right")
+                words = (f"c{c}", self._spaced(SHAPE_WORDS[shape]), "top" if top else "bottom",
+                         "left" if left else "right")
                 toks += [(self.vocab[w], True) for w in words]
             return toks
         for _ in range(self.args.turns):
@@ -135,7 +140,7 @@ class Sandbox:
             k = self.forced_options or k
             words = list(SHAPE_WORDS) + [DISTRACTORS[i] for i in torch.randperm(len(DISTRACTORS))[:k - 2].tolist()]
             words = [words[i] for i in torch.randperm(k).tolist()]
-        options = [t for j, w in enumerate(words) for t in ("ABCDE"[j], ".", w)]
+        options = [t for j, w in enumerate(words) for t in ("ABCDE"[j], ".", self._spaced(w))]
         letter = "ABCDE"[words.index(SHAPE_WORDS[shape])]
         question = ["What", "shape", "of", "the", f"c{c}", "object", "?"]
         fill = [FILLER] * self.args.filler
@@ -144,9 +149,13 @@ class Sandbox:
             toks += [(self.vocab[w], False) for w in question + fill + ["A:"]]
             toks.append((self.vocab[SHAPE_WORDS[shape]], True))
         if kind == "text-mc":
-            question = [f"c{c}", "is", SHAPE_WORDS[shape]]
+            question = [f"c{c}", "is", self._spaced(SHAPE_WORDS[shape])]
         toks += [(self.vocab[w], False) for w in question + options + fill + ["A:"]]
         return toks + [(self.vocab[letter], True)]
+
+    def _spaced(self, word: str) -> str:
+        """How a shape word is written inside a sentence: its own token with --spaced-words, else the bare one."""
+        return " " + word if self.args.spaced_words else word
 
     def batch(self, n: int, caption: bool = False, kind: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         feats, texts = [], []
@@ -228,6 +237,8 @@ def main() -> None:
                    help="with --max-options > 2: only two options up to this training step (a curriculum)")
     p.add_argument("--two-option-share", type=float, default=0.0, metavar="P",
                    help="with --max-options > 2: this share of the training turns gets two options")
+    p.add_argument("--spaced-words", action="store_true",
+                   help="shape words in captions and options are other tokens than the free-form answers'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
