@@ -35,7 +35,8 @@ from qtllava.wire.loopback import LoopbackLink
 from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "stage_parts", "fit_text_decoder", "stage_batches", "client_head", "STAGES"]
+           "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "stage_batches", "client_head",
+           "STAGES"]
 
 log = logging.getLogger(__name__)
 
