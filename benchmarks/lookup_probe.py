@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import tempfile
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 
 from qtllava.config import load_config
-from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
+from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, image_token_id
 from qtllava.data.questions import MC_INSTRUCTION
-from qtllava.model.parts import ClientPart, ServerPart
+from qtllava.model.parts import ClientPart, ServerPart, build_parts
 from qtllava.train.loop import load_tokenizer_for
 
 
@@ -48,6 +49,28 @@ def matching_turns(path: Path, pattern: str, choices: bool = False,
     return out
 
 
+def recall_records(turns: list[dict], n: int, n_turns: int, seed: int) -> list[dict]:
+    """`n` synthetic option look-ups ("Which option is red?", lettered options, the letter), `n_turns` per record,
+    over the option words of the lettered turns in `turns` (each record borrows one of their images, which does
+    not hold the answer): the letter's look-up with the answer stated in the question."""
+    words = sorted({m for t in turns for m in re.findall(r"^[A-E]\. (.+)$", t["conversations"][0]["value"], re.M)})
+    if len(words) < 2:
+        raise SystemExit("--recall needs lettered turns (--choices) among the matching turns")
+    g = random.Random(seed)
+    out = []
+    for i in range(n):
+        conv = []
+        for t in range(n_turns):
+            opts = g.sample(words, g.randint(2, min(5, len(words))))
+            answer = g.randrange(len(opts))
+            lines = "\n".join(f"{'ABCDE'[j]}. {w}" for j, w in enumerate(opts))
+            conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "")
+                      + f"Which option is {opts[answer]}?\n{lines}\n{MC_INSTRUCTION}"},
+                     {"from": "gpt", "value": "ABCDE"[answer]}]
+        out.append({"id": f"recall-{i}", "image": turns[g.randrange(len(turns))]["image"], "conversations": conv})
+    return out
+
+
 def first_answer_accuracy(client, server, batch) -> float:
     with torch.no_grad():
         sent = client(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -60,7 +83,8 @@ def first_answer_accuracy(client, server, batch) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, help='a stage folder with client/ and server/, or "scratch" for '
+                                                   "fresh weights of the config's sizes")
     ap.add_argument("--pattern", required=True, help="regular expression on the question text")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -71,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recall", type=int, default=0, metavar="N",
+                    help="also train on N synthetic option look-ups (the answer stated in the question); their "
+                         "held-out accuracy is printed too")
+    ap.add_argument("--recall-turns", type=int, default=2, help="look-up turns per synthetic record")
     ap.add_argument("--rewrite", nargs=2, metavar=("PATTERN", "REPL"),
                     help="rewrite each question with re.sub(PATTERN, REPL, question), e.g. the option format")
     args = ap.parse_args(argv)
@@ -86,20 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer_for(cfg, root)
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
-        for name, recs in (("train", turns[:-args.held_out]), ("held_out", turns[-args.held_out:])):
+        recall = recall_records(turns, args.recall + args.held_out, args.recall_turns, args.seed) if args.recall else []
+        parts = [("train", turns[:-args.held_out] + recall[:args.recall]), ("held_out", turns[-args.held_out:])]
+        parts += [("recall_held_out", recall[args.recall:])] if args.recall else []
+        for name, recs in parts:
             f = Path(tmp) / f"{name}.json"
             f.write_text(json.dumps(recs), encoding="utf-8")
             ds = LlavaDataset.for_config(cfg, f, root / "images", tok, cfg.data.template)
             sets.append(collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id))
-    train, held = sets
-    client = ClientPart.from_pretrained(args.checkpoint / "client")
-    server = ServerPart.from_pretrained(args.checkpoint / "server")
+    train, held = sets[:2]
+    recall_held = sets[2] if args.recall else None
+    if str(args.checkpoint) == "scratch":
+        client, server = build_parts(cfg, vocab_size=len(tok), image_token_id=image_token_id(tok))
+    else:
+        client = ClientPart.from_pretrained(args.checkpoint / "client")
+        server = ServerPart.from_pretrained(args.checkpoint / "server")
     params = list(client.parameters()) + list(server.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr)
     n = train["input_ids"].shape[0]
     assert train["pixel_values"].shape[0] == n  # one image per record, so rows index images too
     sys.stdout.write(f"{n} training and {args.held_out} held-out turns match {args.pattern!r}\n"
-                     f"{'step':>5} {'loss':>7} {'train %':>8} {'held-out %':>10}\n")
+                     f"{'step':>5} {'loss':>7} {'train %':>8} {'held-out %':>10}"
+                     + (f" {'recall held-out %':>17}" if args.recall else "") + "\n")
     for step in range(1, args.steps + 1):
         idx = torch.randperm(n)[:args.batch]
         b = {k: v[idx] for k, v in train.items() if k != "ids"}
@@ -113,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.every == 0:
             sub = {k: v[:200] for k, v in train.items() if k != "ids"}
             sys.stdout.write(f"{step:>5} {loss.item():>7.4f} {first_answer_accuracy(client, server, sub):>8.1f} "
-                             f"{first_answer_accuracy(client, server, held):>10.1f}\n")
+                             f"{first_answer_accuracy(client, server, held):>10.1f}"
+                             + (f" {first_answer_accuracy(client, server, recall_held):>17.1f}" if args.recall
+                                else "") + "\n")
             sys.stdout.flush()
     return 0
 
