@@ -38,6 +38,7 @@ from qtllava.train.loop import load_tokenizer_for
 log = logging.getLogger("answer_probe")
 
 _KINDS = (  # first match wins
+    ("lookup", re.compile(r"^Which option is ")),  # data.lookup_records: the option look-up alone
     ("letter", re.compile(r"option's letter")),
     ("caption", re.compile(r"describe|description|summarize|what is in the image", re.I)),
     ("word", re.compile(r"what word", re.I)),

@@ -165,6 +165,10 @@ class DataConfig:
     # every lettered training turn a two-option one (the sandbox learns the letter with 2 options, not with 2-5;
     # docs/baseline.md)
     mc_max_options: int = 5
+    # text-only records of option look-ups ("Which option is red?" + lettered options -> the letter) added to the
+    # instruction training corpus: the in-context match-and-copy step a pretrained LLM brings, which the tiny model
+    # trained from scratch has no other text to learn from (docs/baseline.md, session 11); 0 = none
+    lookup_records: int = 0
     tokenizer: str = ""  # folder with a tokenizer; empty: the one stored with the generated data
 
 

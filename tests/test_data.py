@@ -159,6 +159,42 @@ def test_mc_max_options_caps_the_training_options_only(root, tmp_path):
         make_data(micro_cfg(mc_max_options=6), S, root=tmp_path / "bad")
 
 
+def test_lookup_records_are_text_only_option_lookups_after_the_tokenizer(root, tmp_path):
+    """data.lookup_records = N appends N text-only records of "Which option is w?" turns whose answer is the letter
+    of w among the options; the tokenizer, the other records and the suites stay those of the same data without
+    them, so a base trained without them can go on with them."""
+    r = make_data(micro_cfg(lookup_records=30), S, root=tmp_path / "lkp")
+    assert json.loads((r / "manifest.json").read_text())["settings"]["lookup_records"] == 30
+    assert "lookup_records" not in json.loads((root / "manifest.json").read_text())["settings"]
+    assert (r / "tokenizer" / "tokenizer.json").read_bytes() == (root / "tokenizer" / "tokenizer.json").read_bytes()
+    base = json.loads((root / "instruct_train.json").read_text())
+    train = json.loads((r / "instruct_train.json").read_text())
+    assert train[:len(base)] == base
+    lookups = train[len(base):]
+    val_base = json.loads((root / "instruct_val.json").read_text())
+    val = json.loads((r / "instruct_val.json").read_text())
+    assert val[:len(val_base)] == val_base and len(val) > len(val_base)  # in proportion, for the answer probe
+    assert len(lookups) == 30 and all("image" not in rec for rec in lookups + val[len(val_base):])
+    turns = 0
+    for rec in lookups:
+        conv = rec["conversations"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            lines = q["value"].split("\n")
+            assert lines[0].startswith("Which option is ") and lines[-1] == MC_INSTRUCTION
+            options = {line[0]: line[3:] for line in lines[1:-1]}
+            assert 2 <= len(options) <= 5 and set(options) == set(LETTERS[:len(options)])
+            assert options[a["value"]] == lines[0][len("Which option is "):-1]
+            turns += 1
+    assert turns > 30  # several look-ups per record
+    for name in ("captions.json", "suites/soc-mc/questions.jsonl"):
+        assert (r / name).read_bytes() == (root / name).read_bytes()
+    ds = LlavaDataset.load(r / "instruct_train.json", r / "images", load_tokenizer(r / "tokenizer"), "qwen2", S,
+                           4, 160)
+    assert len(ds) == len(train) and ds[len(base)]["pixel_values"].shape[0] == 0
+    with pytest.raises(ValueError, match="lookup_records"):
+        make_data(micro_cfg(lookup_records=-1), S, root=tmp_path / "bad")
+
+
 def test_refuses_foreign_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "mine.png").write_bytes(b"x")

@@ -49,7 +49,7 @@ QUESTIONS_PER_IMAGE = {"soc-vqa": 2, "soc-mc": 1, "glyph-vqa": 1, "shape-pope": 
 # then trailing turns dropped while the trained tokenizer says too long.
 TEXT_BUDGET = 80
 _CHATML_TURN_OVERHEAD = 10
-_STREAMS = {"captions": 1, "instruct_train": 2, "instruct_val": 3,
+_STREAMS = {"captions": 1, "instruct_train": 2, "instruct_val": 3, "lookup": 4, "lookup_val": 5,
             **{s: 10 + i for i, s in enumerate(SUITES)}}
 _GROUP = {"captions": "train", "instruct_train": "train", "instruct_val": "val", **{s: s for s in SUITES}}
 _PREFIX = {"captions": "cap", "instruct_train": "ins", "instruct_val": "val", **{s: s for s in SUITES}}
@@ -65,6 +65,7 @@ _WORLD_WORD_WEIGHT = 20
 # comes first in free form, so the letter look-up is also seen with the answer in the text.
 _P_MC_LEAD = 0.7
 _P_MC_PAIRED = 0.5
+_LOOKUP_TURNS = 4  # turns per option look-up record (data.lookup_records), as max_length allows
 _WRITERS = 2  # threads that render, encode and write PNGs (Pillow and file I/O release the GIL)
 
 _TOKEN_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
@@ -82,6 +83,7 @@ def _gen_settings(cfg: Any, image_size: int) -> dict[str, Any]:
             # knobs added later enter only when set, so that data made before they existed stays valid
             **({"mc_fraction": float(cfg.mc_fraction)} if cfg.mc_fraction else {}),
             **({"mc_max_options": int(cfg.mc_max_options)} if cfg.mc_max_options != 5 else {}),
+            **({"lookup_records": int(cfg.lookup_records)} if cfg.lookup_records else {}),
             **({"template": str(cfg.template)} if cfg.template != "qwen2" else {})}
 
 
@@ -284,6 +286,24 @@ def _instruct_record(scene: Scene, rng: np.random.Generator, mc_fraction: float 
     return conv
 
 
+def _lookup_records(rng: np.random.Generator, n: int, max_options: int, tok: Any, template: str,
+                    max_length: int, prefix: str) -> list[dict[str, Any]]:
+    """`n` text-only records of `_LOOKUP_TURNS` option look-up turns each (questions.lookup_question), fewer where
+    they would pass `max_length` tokens; ids `<prefix>-000000`, ..."""
+    tmpl = get_template(template)
+    out = []
+    for i in range(n):
+        conv: list[dict[str, str]] = []
+        for _ in range(_LOOKUP_TURNS):
+            qa = Q.lookup_question(rng, max_options)
+            turn = [{"from": "human", "value": qa.text}, {"from": "gpt", "value": qa.answer}]
+            if conv and len(tmpl.encode(conv + turn, tok, num_image_tokens=1)[0]) > max_length:
+                break
+            conv += turn
+        out.append({"id": f"{prefix}-{i:06d}", "conversations": conv})
+    return out
+
+
 def _make_corpus(ctx: _Ctx, split: str, n: int, mix: tuple[float, float, float],
                  build: Callable[[Scene, np.random.Generator], list[dict[str, str]]]) -> list[dict[str, Any]]:
     rng = ctx.rng(split)
@@ -423,6 +443,8 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
         raise ValueError(f"data.mc_fraction must be in [0, 1], got {cfg.mc_fraction}")
     if not 2 <= cfg.mc_max_options <= len(Q.LETTERS):
         raise ValueError(f"data.mc_max_options must be in [2, {len(Q.LETTERS)}], got {cfg.mc_max_options}")
+    if cfg.lookup_records < 0:
+        raise ValueError(f"data.lookup_records must be >= 0, got {cfg.lookup_records}")
     settings = _gen_settings(cfg, image_size)
     if not force and _cache_valid(root, settings):
         log.info("data in %s is up to date (manifest matches)", root)
@@ -446,6 +468,11 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     tok = train_tokenizer(_training_texts(captions, train, template=cfg.template), cfg.vocab_size,
                           root / "tokenizer")
     _fit_budget(train + val, tok, cfg.template)
+    # after the tokenizer, which they would otherwise change: a base trained without them can be continued with them
+    n_lookup, n_lookup_val = int(cfg.lookup_records), round(cfg.lookup_records * cfg.n_val / max(cfg.n_instruct, 1))
+    for recs, stream, n in ((train, "lookup", n_lookup), (val, "lookup_val", n_lookup_val)):
+        recs += _lookup_records(ctx.rng(stream), n, int(cfg.mc_max_options), tok, cfg.template, int(cfg.max_length),
+                                prefix="lkp" if stream == "lookup" else "lkv")
     _dump_json(root / "captions.json", captions)
     _dump_json(root / "instruct_train.json", train)
     _dump_json(root / "instruct_val.json", val)

@@ -32,6 +32,8 @@ __all__ = [
     "soc_question",
     "soc_mc_question",
     "as_multiple_choice",
+    "OPTION_WORDS",
+    "lookup_question",
     "glyph_question",
     "glyph_color_question",
     "pope_questions",
@@ -233,6 +235,26 @@ def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator, max_optio
     lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
     return QA(qa.type, qa.question, LETTERS[opts.index(qa.answer)], text=f"{qa.question}\n{lines}\n{MC_INSTRUCTION}",
               category=qa.category, extra={**qa.extra, "choices": opts, "answer_text": qa.answer})
+
+
+OPTION_WORDS = tuple(sorted({*SOC_SHAPES, *SOC_COLORS, *GLYPH_COLORS, *LEXICON, "yes", "no",
+                             *(str(i) for i in range(1, 7))}))  # every word the multiple-choice turns offer
+
+
+def lookup_question(rng: np.random.Generator, max_options: int = 5) -> QA:
+    """The option look-up on its own, no image needed: "Which option is red?" + 2-`max_options` lettered options
+    drawn from OPTION_WORDS, one of them the word asked for; the answer is its letter. The word is written in the
+    question as in the options (the same token), so this is the match-and-read-the-letter step of every
+    multiple-choice question without the step that finds the answer."""
+    if not 2 <= max_options <= len(LETTERS):
+        raise ValueError(f"max_options must be in [2, {len(LETTERS)}], got {max_options}")
+    k = int(rng.integers(2, max_options + 1))
+    opts = [OPTION_WORDS[int(i)] for i in rng.choice(len(OPTION_WORDS), size=k, replace=False)]
+    answer = int(rng.integers(k))
+    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
+    question = f"Which option is {opts[answer]}?"
+    return QA("lookup", question, LETTERS[answer], text=f"{question}\n{lines}\n{MC_INSTRUCTION}",
+              extra={"choices": opts, "answer_text": opts[answer]})
 
 
 # --- glyphs ------------------------------------------------------------------------------------------------
