@@ -49,7 +49,7 @@ def matching_turns(path: Path, pattern: str, choices: bool = False,
     return out
 
 
-def recall_records(turns: list[dict], n: int, n_turns: int, seed: int) -> list[dict]:
+def recall_records(turns: list[dict], n: int, n_turns: int, seed: int, max_options: int = 5) -> list[dict]:
     """`n` synthetic option look-ups ("Which option is red?", lettered options, the letter), `n_turns` per record,
     over the option words of the lettered turns in `turns` (each record borrows one of their images, which does
     not hold the answer): the letter's look-up with the answer stated in the question."""
@@ -61,7 +61,7 @@ def recall_records(turns: list[dict], n: int, n_turns: int, seed: int) -> list[d
     for i in range(n):
         conv = []
         for t in range(n_turns):
-            opts = g.sample(words, g.randint(2, min(5, len(words))))
+            opts = g.sample(words, g.randint(2, min(max_options, len(words))))
             answer = g.randrange(len(opts))
             lines = "\n".join(f"{'ABCDE'[j]}. {w}" for j, w in enumerate(opts))
             conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "")
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also train on N synthetic option look-ups (the answer stated in the question); their "
                          "held-out accuracy is printed too")
     ap.add_argument("--recall-turns", type=int, default=2, help="look-up turns per synthetic record")
+    ap.add_argument("--recall-max-options", type=int, default=5, help="2-N options per synthetic look-up")
+    ap.add_argument("--recall-only", action="store_true",
+                    help="train on the synthetic look-ups alone (the matching turns still give words, images and "
+                         "the held-out column)")
     ap.add_argument("--rewrite", nargs=2, metavar=("PATTERN", "REPL"),
                     help="rewrite each question with re.sub(PATTERN, REPL, question), e.g. the option format")
     args = ap.parse_args(argv)
@@ -114,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer_for(cfg, root)
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
-        recall = recall_records(turns, args.recall + args.held_out, args.recall_turns, args.seed) if args.recall else []
-        parts = [("train", turns[:-args.held_out] + recall[:args.recall]), ("held_out", turns[-args.held_out:])]
+        recall = recall_records(turns, args.recall + args.held_out, args.recall_turns, args.seed,
+                                args.recall_max_options) if args.recall else []
+        own = [] if args.recall_only else turns[:-args.held_out]
+        parts = [("train", own + recall[:args.recall]), ("held_out", turns[-args.held_out:])]
         parts += [("recall_held_out", recall[args.recall:])] if args.recall else []
         for name, recs in parts:
             f = Path(tmp) / f"{name}.json"
