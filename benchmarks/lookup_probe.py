@@ -26,7 +26,7 @@ import torch
 
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, image_token_id
-from qtllava.data.questions import MC_INSTRUCTION
+from qtllava.data.questions import LETTERS, MC_INSTRUCTION, lettered_prompt
 from qtllava.model.parts import ClientPart, ServerPart, build_parts
 from qtllava.train.loop import load_tokenizer_for
 
@@ -63,10 +63,9 @@ def recall_records(turns: list[dict], n: int, n_turns: int, seed: int, max_optio
         for t in range(n_turns):
             opts = g.sample(words, g.randint(2, min(max_options, len(words))))
             answer = g.randrange(len(opts))
-            lines = "\n".join(f"{'ABCDE'[j]}. {w}" for j, w in enumerate(opts))
             conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "")
-                      + f"Which option is {opts[answer]}?\n{lines}\n{MC_INSTRUCTION}"},
-                     {"from": "gpt", "value": "ABCDE"[answer]}]
+                      + lettered_prompt(f"Which option is {opts[answer]}?", opts)},
+                     {"from": "gpt", "value": LETTERS[answer]}]
         out.append({"id": f"recall-{i}", "image": turns[g.randrange(len(turns))]["image"], "conversations": conv})
     return out
 

@@ -470,9 +470,9 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     _fit_budget(train + val, tok, cfg.template)
     # after the tokenizer, which they would otherwise change: a base trained without them can be continued with them
     n_lookup, n_lookup_val = int(cfg.lookup_records), round(cfg.lookup_records * cfg.n_val / max(cfg.n_instruct, 1))
-    for recs, stream, n in ((train, "lookup", n_lookup), (val, "lookup_val", n_lookup_val)):
+    for recs, stream, n, prefix in ((train, "lookup", n_lookup, "lkp"), (val, "lookup_val", n_lookup_val, "lkv")):
         recs += _lookup_records(ctx.rng(stream), n, int(cfg.mc_max_options), tok, cfg.template, int(cfg.max_length),
-                                prefix="lkp" if stream == "lookup" else "lkv")
+                                prefix)
     _dump_json(root / "captions.json", captions)
     _dump_json(root / "instruct_train.json", train)
     _dump_json(root / "instruct_val.json", val)

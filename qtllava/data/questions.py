@@ -32,6 +32,7 @@ __all__ = [
     "soc_question",
     "soc_mc_question",
     "as_multiple_choice",
+    "lettered_prompt",
     "OPTION_WORDS",
     "lookup_question",
     "glyph_question",
@@ -218,6 +219,12 @@ def soc_mc_question(scene: Scene, qtype: str, rng: np.random.Generator, max_opti
     return None if qa is None else as_multiple_choice(qa, scene, rng, max_options)
 
 
+def lettered_prompt(question: str, options: list[str]) -> str:
+    """The multiple-choice prompt: the question, one "A. option" line per option, the answer-format line."""
+    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{lines}\n{MC_INSTRUCTION}"
+
+
 def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator, max_options: int = 5) -> QA:
     """The multiple-choice form of a free-form question (a new QA; `qa` is left as it is): Sort-of-CLEVR types,
     glyph words and their colours, and any yes/no question. `max_options` (2-5) caps the number of options."""
@@ -232,8 +239,7 @@ def as_multiple_choice(qa: QA, scene: Scene, rng: np.random.Generator, max_optio
     wrong = [c for c in cands if c != qa.answer]
     opts = [qa.answer] + [wrong[int(i)] for i in rng.choice(len(wrong), size=k - 1, replace=False)]
     opts = [opts[int(i)] for i in rng.permutation(k)]
-    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
-    return QA(qa.type, qa.question, LETTERS[opts.index(qa.answer)], text=f"{qa.question}\n{lines}\n{MC_INSTRUCTION}",
+    return QA(qa.type, qa.question, LETTERS[opts.index(qa.answer)], text=lettered_prompt(qa.question, opts),
               category=qa.category, extra={**qa.extra, "choices": opts, "answer_text": qa.answer})
 
 
@@ -251,9 +257,8 @@ def lookup_question(rng: np.random.Generator, max_options: int = 5) -> QA:
     k = int(rng.integers(2, max_options + 1))
     opts = [OPTION_WORDS[int(i)] for i in rng.choice(len(OPTION_WORDS), size=k, replace=False)]
     answer = int(rng.integers(k))
-    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts))
     question = f"Which option is {opts[answer]}?"
-    return QA("lookup", question, LETTERS[answer], text=f"{question}\n{lines}\n{MC_INSTRUCTION}",
+    return QA("lookup", question, LETTERS[answer], text=lettered_prompt(question, opts),
               extra={"choices": opts, "answer_text": opts[answer]})
 
 
