@@ -45,17 +45,20 @@ def main() -> None:
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--out", default="runs/baseline")
     p.add_argument("--results", default="results/baseline.json")
+    p.add_argument("--warm-start", help="stage 0 starts from this folder's client/ and server/ weights instead of "
+                   "fresh ones (e.g. benchmarks/lookup_probe.py scratch ... --save DIR)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = BASELINE_STEPS + args.set
     cfg = load_config(args.config, overrides)
     t0 = time.perf_counter()
-    result = run_pipeline(cfg, Path(args.out), resume=True, progress=False)
+    result = run_pipeline(cfg, Path(args.out), resume=True, progress=False, warm_start=args.warm_start)
     wall = time.perf_counter() - t0
     suites = {name: {"ours": r["ours"], "chance": r["chance"], "majority": r["majority"], "metric": r["metric"],
                      "n": r["details"]["n"]} for name, r in result["eval"].items()}
     out = {
-        "command": f"python benchmarks/baseline.py --config {args.config} " + " ".join(f"--set {s}" for s in args.set),
+        "command": f"python benchmarks/baseline.py --config {args.config} " + " ".join(f"--set {s}" for s in args.set)
+        + (f" --warm-start {args.warm_start}" if args.warm_start else ""),
         "preset": cfg.name,
         "overrides": overrides,
         "steps": {s: getattr(cfg.train, s).steps for s in ("stage0", "stage1", "stage2")},

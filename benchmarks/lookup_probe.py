@@ -3,9 +3,10 @@
 The instruction corpus's turns whose question matches `--pattern` (a regular expression) become single-turn
 records; the last `--held-out` of them are kept aside. The checkpoint's client and server parts (nothing frozen,
 fp32, no codec) are trained on the rest for `--steps` steps of `--batch` records with AdamW at `--lr`, per-turn loss;
-every `--every` steps the first-answer-token accuracy on the training and held-out records is printed. Nothing is
-saved. Used in docs/baseline.md to tell "the image lacks the information" from "the model cannot route the question
-to the image":
+every `--every` steps the first-answer-token accuracy on the training and held-out records is printed (`--stop-at`
+ends the run at a probe that reaches it). With `--save DIR` the trained parts are written to DIR/client and
+DIR/server (a stage-0 warm start for `benchmarks/baseline.py --warm-start DIR`). Used in docs/baseline.md to tell
+"the image lacks the information" from "the model cannot route the question to the image":
 
     python benchmarks/answer_probe.py ... # then
     python benchmarks/lookup_probe.py runs/exp/sincos/final --pattern 'Is the red object on the left\\?'
@@ -38,6 +39,8 @@ def matching_turns(path: Path, pattern: str, choices: bool = False,
     pat = re.compile(pattern)
     out = []
     for rec in json.loads(path.read_text(encoding="utf-8")):
+        if "image" not in rec:  # text-only records (data.lookup_records) have no image for the probe's records
+            continue
         conv = rec["conversations"]
         for q, a in zip(conv[0::2], conv[1::2]):
             question = q["value"].replace("<image>", "").strip()
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the held-out column)")
     ap.add_argument("--rewrite", nargs=2, metavar=("PATTERN", "REPL"),
                     help="rewrite each question with re.sub(PATTERN, REPL, question), e.g. the option format")
+    ap.add_argument("--stop-at", type=float, metavar="PCT",
+                    help="stop at the first probe whose held-out accuracy (the look-ups' with --recall) is >= PCT")
+    ap.add_argument("--save", type=Path, help="write the trained parts to SAVE/client and SAVE/server")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     root = Path(cfg.data.root)
@@ -153,11 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         if step % args.every == 0:
             sub = {k: v[:200] for k, v in train.items() if k != "ids"}
-            sys.stdout.write(f"{step:>5} {loss.item():>7.4f} {first_answer_accuracy(client, server, sub):>8.1f} "
-                             f"{first_answer_accuracy(client, server, held):>10.1f}"
-                             + (f" {first_answer_accuracy(client, server, recall_held):>17.1f}" if args.recall
-                                else "") + "\n")
+            scores = [first_answer_accuracy(client, server, sub), first_answer_accuracy(client, server, held)]
+            scores += [first_answer_accuracy(client, server, recall_held)] if args.recall else []
+            sys.stdout.write(f"{step:>5} {loss.item():>7.4f} {scores[0]:>8.1f} {scores[1]:>10.1f}"
+                             + (f" {scores[2]:>17.1f}" if args.recall else "") + "\n")
             sys.stdout.flush()
+            if args.stop_at is not None and scores[-1] >= args.stop_at:
+                sys.stdout.write(f"stopped: held-out {scores[-1]:.1f} % >= --stop-at {args.stop_at}\n")
+                break
+    if args.save is not None:
+        client.save_pretrained(args.save / "client")
+        server.save_pretrained(args.save / "server")
+        sys.stdout.write(f"saved the trained parts to {args.save}\n")
     return 0
 
 

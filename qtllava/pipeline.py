@@ -38,19 +38,24 @@ def _stage_record(stage_dir: Path) -> dict:
 
 
 def run_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: bool = False,
-                 base: str | Path | None = None, evaluate: bool = True, progress: bool = True) -> dict:
+                 base: str | Path | None = None, evaluate: bool = True, progress: bool = True,
+                 warm_start: str | Path | None = None) -> dict:
     """Generate data (cached), train stages 0-2 (stage 0 skipped when `base` is given), evaluate the result.
 
     Each stage's `final/` folder is the next stage's init; with `resume`, finished stages are skipped and an
-    interrupted one continues from its latest checkpoint. Writes `out/pipeline.json`.
+    interrupted one continues from its latest checkpoint. `warm_start` (a folder with client/ and server/) is
+    stage 0's init instead of fresh weights, e.g. a model first trained on one kind of question alone (a
+    curriculum). Writes `out/pipeline.json`.
     """
+    if base and warm_start:
+        raise ValueError("run_pipeline: `base` skips stage 0, so a stage-0 `warm_start` would be ignored")
     out.mkdir(parents=True, exist_ok=True)
     root = make_data(cfg.data, cfg.vision.image_size, root=data_root or Path(cfg.data.root))
     runs: dict[str, dict] = {}
     summary_path = out / "pipeline.json"
     if resume and summary_path.exists():
         runs = json.loads(summary_path.read_text()).get("stages", {})
-    init: Path | None = Path(base) if base else None
+    init: Path | None = Path(base) if base else Path(warm_start) if warm_start else None
     for stage in STAGES:
         if stage == "stage0" and base:
             continue

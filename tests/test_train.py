@@ -174,3 +174,24 @@ def test_pipeline_evaluates_with_baselines(data_root, tmp_path):
     for r in result["eval"].values():
         assert {"ours", "chance", "majority"} <= set(r)
     assert "chance" in result["eval_table"] and (tmp_path / "run" / "eval.json").exists()
+
+
+def test_pipeline_warm_start_is_stage_zeros_init(data_root, tmp_path):
+    """`warm_start` (a curriculum's first model) replaces stage 0's fresh weights; with `base` it is refused."""
+    from safetensors.torch import load_file
+
+    from qtllava.pipeline import run_pipeline
+
+    cfg = load_config("micro", ["train.stage0.steps=2", "train.stage0.lr=3e-3"])
+    warm = run_stage(cfg, "stage0", data_root, tmp_path / "warm", progress=False).final
+    frozen = load_config("micro", ["train.stage0.steps=1", "train.stage0.lr=0", "train.stage0.weight_decay=0",
+                                   "train.stage1.steps=1", "train.stage2.steps=1"])
+    run_pipeline(frozen, tmp_path / "run", data_root=data_root, evaluate=False, progress=False, warm_start=warm)
+    w, s = (load_file(d / "server" / "model.safetensors") for d in (warm, tmp_path / "run" / "stage0" / "final"))
+    assert w.keys() == s.keys() and all(torch.equal(w[k], s[k]) for k in w)  # lr 0: stage 0 kept the warm start
+    fresh = load_file(run_stage(frozen, "stage0", data_root, tmp_path / "fresh", progress=False).final
+                      / "server" / "model.safetensors")
+    assert not all(torch.equal(w[k], fresh[k]) for k in w)
+    with pytest.raises(ValueError, match="warm_start"):
+        run_pipeline(frozen, tmp_path / "both", data_root=data_root, evaluate=False, progress=False,
+                     base=warm, warm_start=warm)
