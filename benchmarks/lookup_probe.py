@@ -159,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         if step % args.every == 0:
             sub = {k: v[:200] for k, v in train.items() if k != "ids"}
-            scores = [first_answer_accuracy(client, server, sub), first_answer_accuracy(client, server, held)]
-            scores += [first_answer_accuracy(client, server, recall_held)] if args.recall else []
-            sys.stdout.write(f"{step:>5} {loss.item():>7.4f} {scores[0]:>8.1f} {scores[1]:>10.1f}"
-                             + (f" {scores[2]:>17.1f}" if args.recall else "") + "\n")
+            scores = [first_answer_accuracy(client, server, b) for b in (sub, held, recall_held) if b is not None]
+            sys.stdout.write(f"{step:>5} {loss.item():>7.4f}"
+                             + "".join(f" {x:>{w}.1f}" for x, w in zip(scores, (8, 10, 17))) + "\n")
             sys.stdout.flush()
             if args.stop_at is not None and scores[-1] >= args.stop_at:
                 sys.stdout.write(f"stopped: held-out {scores[-1]:.1f} % >= --stop-at {args.stop_at}\n")
