@@ -1,8 +1,9 @@
 """Can a checkpoint learn one kind of question quickly? Fine-tune a copy on the matching turns, score held-out ones.
 
 The instruction corpus's turns whose question matches `--pattern` (a regular expression) become single-turn
-records; the last `--held-out` of them are kept aside. The checkpoint's client and server parts (nothing frozen,
-fp32, no codec) are trained on the rest for `--steps` steps of `--batch` records with AdamW at `--lr`, per-turn loss;
+records; the last `--held-out` of them are kept aside. The checkpoint's client and server parts (nothing frozen;
+their own codecs, e.g. fp16 passthrough after stage 2; `scratch`: fresh parts as stage 0 builds them, fp32
+passthrough) are trained on the rest for `--steps` steps of `--batch` records with AdamW at `--lr`, per-turn loss;
 every `--every` steps the first-answer-token accuracy on the training and held-out records is printed (`--stop-at`
 ends the run at a probe that reaches it). With `--save DIR` the trained parts are written to DIR/client and
 DIR/server (a stage-0 warm start for `benchmarks/baseline.py --warm-start DIR`). Used in docs/baseline.md to tell
@@ -29,7 +30,7 @@ from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, image_token_id
 from qtllava.data.questions import LETTERS, MC_INSTRUCTION, lettered_prompt
 from qtllava.model.parts import ClientPart, ServerPart, build_parts
-from qtllava.train.loop import load_tokenizer_for
+from qtllava.train.loop import load_tokenizer_for, stage_config
 
 
 def matching_turns(path: Path, pattern: str, choices: bool = False,
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     train, held = sets[:2]
     recall_held = sets[2] if args.recall else None
     if str(args.checkpoint) == "scratch":
-        client, server = build_parts(cfg, vocab_size=len(tok), image_token_id=image_token_id(tok))
+        client, server = build_parts(stage_config(cfg, "stage0"), vocab_size=len(tok),
+                                     image_token_id=image_token_id(tok))
     else:
         client = ClientPart.from_pretrained(args.checkpoint / "client")
         server = ServerPart.from_pretrained(args.checkpoint / "server")
