@@ -53,6 +53,20 @@ def matching_turns(path: Path, pattern: str, choices: bool = False,
     return out
 
 
+def in_fixed_order(rec: dict) -> dict:
+    """The one-turn lettered record `rec` with its options sorted (the same words in one fixed order for every
+    question that offers them) and its answer's letter moved with them; other records unchanged."""
+    q, a = rec["conversations"]
+    m = re.match(r"(?s)(.*?)\n((?:[A-E]\. [^\n]+\n)+)" + re.escape(MC_INSTRUCTION) + r"$", q["value"])
+    if m is None or a["value"] not in LETTERS:
+        return rec
+    opts = re.findall(r"^[A-E]\. (.+)$", m.group(2), re.M)
+    answer = opts[LETTERS.index(a["value"])]
+    ordered = sorted(opts)
+    return {**rec, "conversations": [{**q, "value": lettered_prompt(m.group(1), ordered)},
+                                     {**a, "value": LETTERS[ordered.index(answer)]}]}
+
+
 def recall_records(turns: list[dict], n: int, n_turns: int, seed: int, max_options: int = 5) -> list[dict]:
     """`n` synthetic option look-ups ("Which option is red?", lettered options, the letter), `n_turns` per record,
     over the option words of the lettered turns in `turns` (each record borrows one of their images, which does
@@ -108,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the held-out column)")
     ap.add_argument("--rewrite", nargs=2, metavar=("PATTERN", "REPL"),
                     help="rewrite each question with re.sub(PATTERN, REPL, question), e.g. the option format")
+    ap.add_argument("--ordered-until", type=int, default=0, metavar="STEP",
+                    help="a curriculum for the letter: each training turn's options come in one fixed (sorted) order "
+                         "with probability 1 - step / STEP, so that early on the letter follows from the answer "
+                         "alone; held-out turns keep the data's shuffled order")
     ap.add_argument("--stop-at", type=float, metavar="PCT",
                     help="stop at the first probe whose held-out accuracy (the look-ups' with --recall) is >= PCT")
     ap.add_argument("--save", type=Path, help="write the trained parts to SAVE/client and SAVE/server")
@@ -129,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         own = [] if args.recall_only else turns[:-args.held_out]
         parts = [("train", own + recall[:args.recall]), ("held_out", turns[-args.held_out:])]
         parts += [("recall_held_out", recall[args.recall:])] if args.recall else []
+        # the same training records, row for row, with the options in their fixed order (--ordered-until)
+        parts += [("train_ordered", [in_fixed_order(r) for r in own] + recall[:args.recall])] \
+            if args.ordered_until else []
         for name, recs in parts:
             f = Path(tmp) / f"{name}.json"
             f.write_text(json.dumps(recs), encoding="utf-8")
@@ -136,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id))
     train, held = sets[:2]
     recall_held = sets[2] if args.recall else None
+    ordered = sets[-1] if args.ordered_until else None
+    if ordered is not None and any(ordered[k].shape != train[k].shape for k in train if k != "ids"):
+        raise SystemExit("the fixed-order records do not line up with the training records")
     if str(args.checkpoint) == "scratch":
         client, server = build_parts(stage_config(cfg, "stage0"), vocab_size=len(tok),
                                      image_token_id=image_token_id(tok))
@@ -152,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(1, args.steps + 1):
         idx = torch.randperm(n)[:args.batch]
         b = {k: v[idx] for k, v in train.items() if k != "ids"}
+        if ordered is not None and step < args.ordered_until:
+            fixed = torch.rand(len(idx)) < 1.0 - step / args.ordered_until
+            b = {k: torch.where(fixed.view(-1, *[1] * (v.dim() - 1)), ordered[k][idx], v) for k, v in b.items()}
         sent = client(b["input_ids"], b["attention_mask"], b["pixel_values"])
         loss = server(sent.image.values, sent.text.values, sent.layout, labels=b["labels"],
                       loss_average="turn").loss
