@@ -140,7 +140,10 @@ class CompressConfig:
 
     image: CodecConfig = field(default_factory=CodecConfig)
     text: CodecConfig = field(default_factory=CodecConfig)
-    downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 | int8-ans | int4-ans | int2-ans (16-bit: fp16)
+    downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 | int{8,6,5,4,2}-ans (16-bit: fp16)
+    # the text rows' gradient codec where it differs from `downlink` (empty: `downlink`). Text-row gradients reach
+    # only the client's token embeddings; image-row gradients train the connector
+    downlink_text: str = ""
     stochastic_rounding: bool = False
 
 

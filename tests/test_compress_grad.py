@@ -22,7 +22,7 @@ def grads(n, d, seed=0, scale=1e-3):
 
 
 def test_registry():
-    assert grad_codec_names() == sorted(NAMES + ["int8-ans", "int4-ans", "int2-ans"])
+    assert grad_codec_names() == sorted(NAMES + ["int8-ans", "int6-ans", "int5-ans", "int4-ans", "int2-ans"])
     with pytest.raises(KeyError, match="unknown gradient codec 'int2'"):
         encode_grad(torch.zeros(2, 2), "int2")
     with pytest.raises(ValueError, match="already registered"):

@@ -16,6 +16,16 @@ def test_ans_grad_equals_fixed_width_values_and_costs_less(bits):
     assert nbytes(coded) < nbytes(fixed)
 
 
+@pytest.mark.parametrize("bits", [6, 5])
+def test_wider_ans_grids_keep_the_rounding_bound(bits):
+    g = torch.randn(200, 64, generator=torch.Generator().manual_seed(2))
+    qmax = (1 << (bits - 1)) - 1
+    d = decode_grad(Packet.from_bytes(encode_grad(g, f"int{bits}-ans").to_bytes()))
+    s = g.abs().amax(dim=1, keepdim=True)
+    assert ((g - d).abs() <= s / (2 * qmax) + 1e-6).all()
+    assert (g - d).abs().max() > s.min() / (8 * qmax)  # a grid, not a lossless copy
+
+
 def test_ternary_is_unbiased_with_stochastic_rounding():
     g = torch.full((2000, 16), 0.25)
     g[:, 0] = 1.0  # row absmax 1: the grid is -1, 0, 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qtllava.compress.base import Packet
 from qtllava.config import load_config
 from qtllava.data import LlavaDataset, collate, make_data
 from qtllava.model.parts import ClientPart, ServerPart
@@ -121,6 +122,19 @@ def test_step_ids_make_retries_idempotent_and_refusals_change_nothing(data):
     with pytest.raises(SplitError, match="out of order") as e:
         rt.step(_request(client, b[1], sid, 3, 0, 1))
     assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_text_rows_get_their_own_gradient_codec(data):
+    """`compress.downlink_text` codes the text rows' gradients, `downlink` the image rows'; a name that is no
+    gradient codec is refused when the server is built, naming the field."""
+    rt, client, scfg = _server(micro("compress.downlink=\"int6-ans\"", "compress.downlink_text=\"int2-ans\""), data)
+    sid = _session(rt, scfg, "a")
+    reply = rt.step(_request(client, _batches(scfg, data, 1)[0], sid, 0, 0, 1))
+    assert Packet.from_bytes(reply.image_grad).dtype == "int6-ans"
+    assert Packet.from_bytes(reply.text_grad).dtype == "int2-ans"
+    bad = micro("compress.downlink_text=\"int3\"")
+    with pytest.raises(ValueError, match="compress.downlink_text: unknown gradient codec 'int3'"):
+        _server(bad, data)
 
 
 def test_handshake_names_the_differing_key_and_cut(data):

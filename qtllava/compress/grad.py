@@ -2,7 +2,8 @@
 
 Codecs, by exact name: `fp32`, `fp16`, `bf16` (cast), `int8`, `int4` (per-row absmax scaling: each row of the last
 axis gets one fp32 scale, values are rounded to the symmetric grid -Q..Q, Q = 127 or 7, deterministic or
-stochastic); `int8-ans`, `int4-ans`, `int2-ans` (ternary) use the same grids but entropy-code the symbols with
+stochastic); `int8-ans`, `int6-ans`, `int5-ans`, `int4-ans`, `int2-ans` (ternary) use the same kind of grid
+(Q = 2^(bits-1) - 1) but entropy-code the symbols with
 constriction's ANS (model in the packet), since gradients are peaked around 0. fp32 scales rather than fp16: gradients can be far below fp16's smallest normal (6e-5) and would
 flush to zero; 32 bits per row is 0.025 bits per element at D = 1280.
 
@@ -194,5 +195,5 @@ def _int_ans_codec(bits: int) -> tuple[Callable, Callable]:
     return enc, dec
 
 
-for _bits in (8, 4, 2):
+for _bits in (8, 6, 5, 4, 2):
     register_grad_codec(f"int{_bits}-ans", *_int_ans_codec(_bits))

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from qtllava.compress.base import Packet, PacketError
-from qtllava.compress.grad import decode_grad, encode_grad
+from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import Layout, ServerPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
@@ -124,6 +124,11 @@ class ServerRuntime:
         self._turn = threading.Condition(self.lock)
         self._owner: str | None = None  # U cut: session between its forward and backward message
         self.hash = config_hash(cfg, HASH_SECTIONS)
+        for key in ("downlink", "downlink_text"):
+            name = getattr(cfg.compress, key)
+            if name and name not in grad_codec_names():
+                raise ValueError(f"compress.{key}: unknown gradient codec {name!r}; known: "
+                                 f"{', '.join(grad_codec_names())}")
         self.optimizer = None
         self.stage_cfg = None
         if stage is not None:
@@ -305,12 +310,11 @@ class ServerRuntime:
                 p.grad = None
 
     def _grad_packets(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, bytes]:
-        down = self._downlink()
         sr = self.cfg.compress.stochastic_rounding
         grads = {}
         for name, v in (("image", image), ("text", text)):
             g = v.grad if v.grad is not None else torch.zeros_like(v)
-            grads[name] = encode_grad(g, down, stochastic=sr, generator=self.generator).to_bytes()
+            grads[name] = encode_grad(g, self._downlink(name), stochastic=sr, generator=self.generator).to_bytes()
         return grads
 
     def _train_micro(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
@@ -356,9 +360,13 @@ class ServerRuntime:
         return pb.StepReply(step_id=req.step_id, micro_index=req.micro_index, image_grad=grads["image"],
                             text_grad=grads["text"])
 
-    def _downlink(self) -> str:
-        compressed = self.stage is None or recipe(self.stage).compressed
-        return self.cfg.compress.downlink if compressed else "fp32"
+    def _downlink(self, modality: str = "") -> str:
+        """The gradient codec of `modality`'s rows ("text": `downlink_text` where set); "" = the U cut's hidden
+        states."""
+        if not (self.stage is None or recipe(self.stage).compressed):
+            return "fp32"
+        c = self.cfg.compress
+        return c.downlink_text or c.downlink if modality == "text" else c.downlink
 
     def _apply(self, sess: Session, step_id: int, total_steps: int) -> None:
         if self.optimizer is not None:
