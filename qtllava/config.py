@@ -141,8 +141,9 @@ class CompressConfig:
     image: CodecConfig = field(default_factory=CodecConfig)
     text: CodecConfig = field(default_factory=CodecConfig)
     downlink: str = "fp16"  # fp32 | fp16 | bf16 | int8 | int4 | int{8,6,5,4,2}-ans (16-bit: fp16)
-    # the text rows' gradient codec where it differs from `downlink` (empty: `downlink`). Text-row gradients reach
-    # only the client's token embeddings; image-row gradients train the connector
+    # the text rows' gradient codec where it differs from `downlink` (empty: `downlink`; "none": none is sent, and the
+    # client's token embeddings stay as they are). Text-row gradients reach only the client's token embeddings (and
+    # the text codec's client half); image-row gradients train the connector
     downlink_text: str = ""
     stochastic_rounding: bool = False
 

@@ -132,6 +132,9 @@ def test_text_rows_get_their_own_gradient_codec(data):
     reply = rt.step(_request(client, _batches(scfg, data, 1)[0], sid, 0, 0, 1))
     assert Packet.from_bytes(reply.image_grad).dtype == "int6-ans"
     assert Packet.from_bytes(reply.text_grad).dtype == "int2-ans"
+    rt, client, scfg = _server(micro("compress.downlink_text=\"none\""), data)
+    reply = rt.step(_request(client, _batches(scfg, data, 1)[0], _session(rt, scfg, "b"), 0, 0, 1))
+    assert reply.text_grad == b"" and Packet.from_bytes(reply.image_grad).dtype == scfg.compress.downlink
     bad = micro("compress.downlink_text=\"int3\"")
     with pytest.raises(ValueError, match="compress.downlink_text: unknown gradient codec 'int3'"):
         _server(bad, data)
@@ -256,6 +259,21 @@ def reference(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     run_stage(micro(), "stage2", data, out, progress=False)
     return out
+
+
+def test_no_text_downlink_leaves_the_embeddings_and_sends_no_text_bytes(data, reference, tmp_path):
+    """compress.downlink_text = "none": a stage-2 run sends no text-row gradient bytes, the client's token
+    embeddings end where they started, the connector still trains."""
+    run_stage(micro("compress.downlink_text=\"none\""), "stage2", data, tmp_path, progress=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert sum(r["payload_down"]["text"] for r in rows) == 0 and sum(r["payload_down"]["image"] for r in rows) > 0
+    _, _, start, _ = stage_parts(micro(), "stage2", data)
+    got, ref = _final_weights(tmp_path / "final"), _final_weights(reference / "final")
+    emb = "client.embed_tokens.weight"
+    assert torch.equal(got[emb], start.embed_tokens.weight.detach())
+    assert not torch.equal(ref[emb], got[emb])  # with text gradients they do train
+    conn = [k for k in got if k.startswith("client.connector.")]
+    assert conn and any(not torch.equal(got[k], start.state_dict()[k[len("client."):]]) for k in conn)
 
 
 def _assert_same_run(reference: Path, client_out: Path, server_final: Path) -> None:

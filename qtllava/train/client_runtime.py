@@ -21,9 +21,9 @@ from qtllava.compress.grad import decode_grad, encode_grad
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
-from qtllava.train.server_runtime import HASH_SECTIONS
+from qtllava.train.server_runtime import HASH_SECTIONS, NO_GRADIENT
 from qtllava.train.ucut import HEAD_FOLDER, ClientHead, check_cut, head_loss
-from qtllava.wire.messages import PROTOCOL_VERSION, ids_from_bytes, labels_to_wire, pb
+from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_from_bytes, labels_to_wire, pb
 
 __all__ = ["ClientRuntime", "StepStats", "make_hello"]
 
@@ -173,11 +173,11 @@ class ClientRuntime:
                 losses.append(float(loss.detach()))
                 payload_up["hidden_grad"] += len(g)
             g_img = decode_grad(Packet.from_bytes(reply.image_grad))
-            g_txt = decode_grad(Packet.from_bytes(reply.text_grad))
+            g_txt = self._text_grad(reply.text_grad)
             aux = out.image.aux_loss + out.text.aux_loss
             tensors, grads = [], []
             for v, g in ((out.image.values, g_img), (out.text.values, g_txt)):
-                if v.requires_grad:
+                if v.requires_grad and g is not None:
                     tensors.append(v)
                     grads.append(g.to(v.dtype).reshape(v.shape))
             if aux.requires_grad:
@@ -208,6 +208,16 @@ class ClientRuntime:
                           messages_up=sizes_up, messages_down=sizes_down)
         self.step_id += 1
         return stats
+
+    def _text_grad(self, data: bytes) -> torch.Tensor | None:
+        """The text rows' gradient from a reply; None where `compress.downlink_text` is "none" (nothing is sent,
+        so the token embeddings get no gradient and AdamW leaves them as they are)."""
+        if self.cfg.compress.downlink_text == NO_GRADIENT:
+            if data:
+                raise WireError(f"{len(data)} bytes of text-row gradient, but compress.downlink_text is "
+                                f"{NO_GRADIENT!r}")
+            return None
+        return decode_grad(Packet.from_bytes(data))
 
     def _downlink(self) -> str:
         """Tensor codec of hidden states and their gradients in the U cut (the stage's downlink codec)."""

@@ -48,6 +48,7 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STEP_FIELDS_UP = ("layout", "image", "text", "label_mask", "label_ids", "hidden_grad")
 STEP_FIELDS_DOWN = ("image_grad", "text_grad", "hidden")
+NO_GRADIENT = "none"  # compress.downlink_text: no text-row gradients go back (the client's embeddings stay fixed)
 
 
 class SplitError(RuntimeError):
@@ -126,7 +127,7 @@ class ServerRuntime:
         self.hash = config_hash(cfg, HASH_SECTIONS)
         for key in ("downlink", "downlink_text"):
             name = getattr(cfg.compress, key)
-            if name and name not in grad_codec_names():
+            if name and name not in grad_codec_names() and (key, name) != ("downlink_text", NO_GRADIENT):
                 raise ValueError(f"compress.{key}: unknown gradient codec {name!r}; known: "
                                  f"{', '.join(grad_codec_names())}")
         self.optimizer = None
@@ -313,8 +314,12 @@ class ServerRuntime:
         sr = self.cfg.compress.stochastic_rounding
         grads = {}
         for name, v in (("image", image), ("text", text)):
+            codec = self._downlink(name)
+            if codec == NO_GRADIENT:  # the client trains nothing behind these rows: nothing is sent
+                grads[name] = b""
+                continue
             g = v.grad if v.grad is not None else torch.zeros_like(v)
-            grads[name] = encode_grad(g, self._downlink(name), stochastic=sr, generator=self.generator).to_bytes()
+            grads[name] = encode_grad(g, codec, stochastic=sr, generator=self.generator).to_bytes()
         return grads
 
     def _train_micro(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
