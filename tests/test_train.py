@@ -195,3 +195,17 @@ def test_pipeline_warm_start_is_stage_zeros_init(data_root, tmp_path):
     with pytest.raises(ValueError, match="warm_start"):
         run_pipeline(frozen, tmp_path / "both", data_root=data_root, evaluate=False, progress=False,
                      base=warm, warm_start=warm)
+
+
+def test_resume_drops_a_half_written_metrics_row_and_names_a_bad_one(tmp_path):
+    """A process killed inside a metrics write leaves a torn last row; resuming drops it (and the rows at or after
+    the checkpoint). A bad complete row is an error naming the file and line."""
+    from qtllava.train.loop import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    _truncate_metrics(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics row"):
+        _truncate_metrics(path, 2)

@@ -375,8 +375,22 @@ def _rejoin(client_rt: ClientRuntime, out_dir: Path, step: int) -> int:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows at or after `step` (written after the checkpoint we resume from)."""
+    """Drop metric rows at or after `step` (written after the checkpoint we resume from), and a last row that a
+    killed process left half-written (no newline). Raises ValueError naming the file and line on any other bad row."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1]:  # a torn write: the process died inside this row, after the checkpoint it resumes from
+        log.warning("%s: dropping a half-written last row (%d characters)", path, len(lines[-1]))
+    rows = []
+    for i, line in enumerate(lines[:-1], 1):
+        if not line:
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {i}: not a metrics row ({e})") from e
+        if row_step < step:
+            rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
