@@ -53,6 +53,9 @@ def matching_turns(path: Path, pattern: str, choices: bool = False,
     return out
 
 
+_OPTION_LINE = re.compile(r"^[A-E]\. (.+)$", re.M)  # one "A. word" line of questions.lettered_prompt
+
+
 def in_fixed_order(rec: dict) -> dict:
     """The one-turn lettered record `rec` with its options sorted (the same words in one fixed order for every
     question that offers them) and its answer's letter moved with them; other records unchanged."""
@@ -60,7 +63,7 @@ def in_fixed_order(rec: dict) -> dict:
     m = re.match(r"(?s)(.*?)\n((?:[A-E]\. [^\n]+\n)+)" + re.escape(MC_INSTRUCTION) + r"$", q["value"])
     if m is None or a["value"] not in LETTERS:
         return rec
-    opts = re.findall(r"^[A-E]\. (.+)$", m.group(2), re.M)
+    opts = _OPTION_LINE.findall(m.group(2))
     answer = opts[LETTERS.index(a["value"])]
     ordered = sorted(opts)
     return {**rec, "conversations": [{**q, "value": lettered_prompt(m.group(1), ordered)},
@@ -71,7 +74,7 @@ def recall_records(turns: list[dict], n: int, n_turns: int, seed: int, max_optio
     """`n` synthetic option look-ups ("Which option is red?", lettered options, the letter), `n_turns` per record,
     over the option words of the lettered turns in `turns` (each record borrows one of their images, which does
     not hold the answer): the letter's look-up with the answer stated in the question."""
-    words = sorted({m for t in turns for m in re.findall(r"^[A-E]\. (.+)$", t["conversations"][0]["value"], re.M)})
+    words = sorted({m for t in turns for m in _OPTION_LINE.findall(t["conversations"][0]["value"])})
     if len(words) < 2:
         raise SystemExit("--recall needs lettered turns (--choices) among the matching turns")
     g = random.Random(seed)
