@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtllava.compress.base import Packet
+from qtllava.compress.base import Packet, PacketError
 from qtllava.config import load_config
 from qtllava.data import LlavaDataset, collate, make_data
 from qtllava.model.parts import ClientPart, ServerPart
@@ -138,6 +138,35 @@ def test_text_rows_get_their_own_gradient_codec(data):
     bad = micro("compress.downlink_text=\"int3\"")
     with pytest.raises(ValueError, match="compress.downlink_text: unknown gradient codec 'int3'"):
         _server(bad, data)
+
+
+@pytest.mark.parametrize("text_codec", ["identity", "fsq"])
+def test_merged_text_rows_give_the_client_the_same_gradient_in_fewer_rows(data, text_codec):
+    """compress.merge_text_rows: the server sends one summed gradient row per distinct text row (the same token),
+    and the client's token embeddings receive the gradient they get from every row sent one by one."""
+    b = _batches(micro(), data, 1, size=4)[0]
+    grads, sizes = {}, {}
+    for merge in (False, True):
+        cfg = micro('compress.downlink="fp32"', f'compress.text.name="{text_codec}"',
+                    f"compress.merge_text_rows={str(merge).lower()}")
+        rt, client, scfg = _server(cfg, data)
+        out = client(b["input_ids"], b["attention_mask"], b.get("pixel_values"))
+        reply = rt.step(_request(client, b, _session(rt, scfg, "a"), 0, 0, 1))
+        runtime = ClientRuntime(client, scfg, LoopbackLink(rt), "stage2", total_steps=STEPS)
+        g = runtime._text_grad(reply.text_grad, out.text.values)
+        client.embed_tokens.weight.grad = None
+        out.text.values.backward(g)
+        grads[merge] = client.embed_tokens.weight.grad.clone()
+        sizes[merge] = Packet.from_bytes(reply.text_grad).shape[0], out.text.values.shape[0]
+    assert sizes[True][0] < sizes[False][0] == sizes[False][1]
+    ids = b["input_ids"][b["attention_mask"].bool() & (b["input_ids"] != client.image_token_id)]
+    assert sizes[True][0] == torch.unique(ids).numel()  # one row per distinct token
+    assert grads[True].abs().sum() > 0
+    assert (grads[True] - grads[False]).norm() <= 1e-5 * grads[False].norm()  # the same sums in another order
+    other = out.text.values.detach().clone()
+    other[0] += 1.0  # one row more distinct than the server saw
+    with pytest.raises(PacketError, match="distinct values"):
+        runtime._text_grad(reply.text_grad, other)
 
 
 def test_handshake_names_the_differing_key_and_cut(data):

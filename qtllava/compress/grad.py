@@ -12,6 +12,12 @@ byte, low nibble first, stored as q + 8); side = the per-row scales (int codecs 
 
 Error bounds per element (row absmax s): deterministic rounding |g - g_hat| <= s / (2Q); stochastic rounding
 |g - g_hat| < s / Q and E[g_hat] = g.
+
+Rows with equal values (`merge_rows` / `spread_rows`, config `compress.merge_text_rows`): where a client maps each
+input row to its values on its own (a token's embedding through a row-wise codec), rows with equal values have equal
+Jacobians, so the gradient any client parameter receives depends only on the sum of their gradients. The server
+sends one summed row per distinct value; the client, which holds bit-equal values, finds the same groups (in the
+lexicographic order of the rows) and hands each of a group's rows an equal share of its sum.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 
 from qtllava.compress.base import WIRE_FLOAT_DTYPES, Packet, PacketError, bytes_to_float, float_to_bytes
 
-__all__ = ["GradCodec", "register_grad_codec", "grad_codec_names", "encode_grad", "decode_grad", "GRAD_CODEC"]
+__all__ = ["GradCodec", "register_grad_codec", "grad_codec_names", "encode_grad", "decode_grad", "GRAD_CODEC",
+           "row_groups", "merge_rows", "spread_rows"]
 
 GRAD_CODEC = "grad"
 
@@ -80,6 +87,36 @@ def decode_grad(packet: Packet) -> torch.Tensor:
     if len(packet.shape) < 1:
         raise PacketError("gradient packet has no axes")
     return _GRAD_CODECS[packet.dtype].decode(packet.payload, packet.side, packet.shape)
+
+
+def row_groups(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `values` (N, d) grouped by equal content -> (group of each row (N,), rows per group (G,)); groups in
+    the lexicographic order of their rows, so that two parties holding bit-equal values agree on them."""
+    v = values.detach().reshape(values.shape[0], -1)
+    if v.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=v.device)
+        return empty, empty
+    _, inverse, counts = torch.unique(v, dim=0, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def merge_rows(g: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Gradient g (N, d) of rows `values` (N, d') -> (G, d): the sum over each group of equal rows (`row_groups`)."""
+    if g.shape[0] != values.shape[0]:
+        raise ValueError(f"merge_rows: {g.shape[0]} gradient rows for {values.shape[0]} value rows")
+    inverse, counts = row_groups(values)
+    return g.new_zeros((counts.shape[0],) + tuple(g.shape[1:])).index_add_(0, inverse.to(g.device), g)
+
+
+def spread_rows(sums: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merge_rows` on the client: (G, d) group sums -> (N, d), each row an equal share of its group's
+    sum. Raises PacketError when `values` do not form G groups (the two parties' values differ)."""
+    inverse, counts = row_groups(values)
+    if sums.shape[0] != counts.shape[0]:
+        raise PacketError(f"merged gradient has {sums.shape[0]} rows, but these {values.shape[0]} rows hold "
+                          f"{counts.shape[0]} distinct values")
+    inverse, counts = inverse.to(sums.device), counts.to(sums.device)
+    return sums[inverse] / counts[inverse].to(sums.dtype).unsqueeze(-1)
 
 
 # --- float casts ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qtllava.compress.base import Packet, nbytes
-from qtllava.compress.grad import decode_grad, encode_grad
+from qtllava.compress.grad import decode_grad, encode_grad, spread_rows
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
@@ -173,7 +173,7 @@ class ClientRuntime:
                 losses.append(float(loss.detach()))
                 payload_up["hidden_grad"] += len(g)
             g_img = decode_grad(Packet.from_bytes(reply.image_grad))
-            g_txt = self._text_grad(reply.text_grad)
+            g_txt = self._text_grad(reply.text_grad, out.text.values)
             aux = out.image.aux_loss + out.text.aux_loss
             tensors, grads = [], []
             for v, g in ((out.image.values, g_img), (out.text.values, g_txt)):
@@ -209,15 +209,17 @@ class ClientRuntime:
         self.step_id += 1
         return stats
 
-    def _text_grad(self, data: bytes) -> torch.Tensor | None:
-        """The text rows' gradient from a reply; None where `compress.downlink_text` is "none" (nothing is sent,
-        so the token embeddings get no gradient and AdamW leaves them as they are)."""
+    def _text_grad(self, data: bytes, values: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of the text rows `values` from a reply; None where `compress.downlink_text` is "none"
+        (nothing is sent, so the token embeddings get no gradient and AdamW leaves them as they are). With
+        `compress.merge_text_rows` the reply holds one summed row per distinct value, spread back here."""
         if self.cfg.compress.downlink_text == NO_GRADIENT:
             if data:
                 raise WireError(f"{len(data)} bytes of text-row gradient, but compress.downlink_text is "
                                 f"{NO_GRADIENT!r}")
             return None
-        return decode_grad(Packet.from_bytes(data))
+        g = decode_grad(Packet.from_bytes(data))
+        return spread_rows(g, values) if self.cfg.compress.merge_text_rows else g
 
     def _downlink(self) -> str:
         """Tensor codec of hidden states and their gradients in the U cut (the stage's downlink codec)."""

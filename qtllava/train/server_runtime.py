@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from qtllava.compress.base import Packet, PacketError
-from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names
+from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names, merge_rows
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import Layout, ServerPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
@@ -319,6 +319,8 @@ class ServerRuntime:
                 grads[name] = b""
                 continue
             g = v.grad if v.grad is not None else torch.zeros_like(v)
+            if name == "text" and self.cfg.compress.merge_text_rows:
+                g = merge_rows(g, v)
             grads[name] = encode_grad(g, codec, stochastic=sr, generator=self.generator).to_bytes()
         return grads
 
