@@ -177,11 +177,16 @@ def _metrics(stage_dir: Path) -> dict:
             "steps": len(rows), "seconds": sum(r["seconds"] for r in rows)}
 
 
-def collect(out: Path, base: Path) -> list[dict]:
+def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
+    """A row per finished run of ORDER; where a run's folder is gone (a fresh checkout has no runs/), its row from
+    `kept` (the previous results/study.json) if there is one, marked with `"kept": true`."""
+    old = {(r["config"], r["seed"]): {**r, "kept": True} for r in kept}
     rows = []
     for name, seed in ORDER:
         d = job_dir(out, name, seed, base)
         if not (d / "eval.json").exists():
+            if (name, seed) in old:
+                rows.append(old[(name, seed)])
             continue
         ev = json.loads((d / "eval.json").read_text())
         summary = json.loads((d / "pipeline.json").read_text())
@@ -343,6 +348,10 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="config names to run (default: all, in priority order)")
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--keep", default="results/study.json",
+                   help="rows of runs whose folders are gone are kept from this earlier result (\"\" = none); "
+                        "valid only while the base is the same (the stage-0 base is deterministic: the same "
+                        "command on the same kind of machine trains it again bit for bit)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -382,7 +391,11 @@ def main() -> None:
                 if rc:
                     log.error("%s seed %d failed; see %s", name, seed,
                               job_dir(out, name, seed, base).with_suffix(".log"))
-    rows = collect(out, base)
+    kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
+    rows = collect(out, base, kept)
+    n_kept = sum(1 for r in rows if r.get("kept"))
+    if n_kept:
+        log.info("%d of %d rows kept from %s (their run folders are gone)", n_kept, len(rows), args.keep)
     flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "")
     how = (f"Command: `python benchmarks/study.py --config {args.config}{flags}` ({len(rows)} runs); "
            f"preset {args.config}; "
@@ -390,7 +403,9 @@ def main() -> None:
            f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
            "(shape-mme: summed MME score); bits per element are payload bits actually sent per feature element in "
            "stage 2; bytes per sample are whole serialized messages per training sample in stage 2; wall s = stages 1 "
-           "and 2 (the shared stage 0 not counted).")
+           "and 2 (the shared stage 0 not counted)." +
+           (f" {n_kept} rows were kept from the previous {args.keep} (run folders gone; same base command)."
+            if n_kept else ""))
     Path("results").mkdir(exist_ok=True)
     Path("results/study.json").write_text(json.dumps({"how": how, "rows": rows, "summary": summary(rows)}, indent=2))
     print(report(rows, Path("results/study.md"), Path("results/study.png"), {"how": how}))

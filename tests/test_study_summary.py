@@ -35,3 +35,17 @@ def test_summary_means_deltas_and_verdicts(study):
     assert vqa["paired_delta"] == pytest.approx(-2.0) and vqa["paired_se"] == pytest.approx(0.0)
     assert mme["paired_delta"] == pytest.approx(-1.0) and mme["paired_se"] == pytest.approx(1.0)  # 0, -2
     assert "paired_se" not in l2
+
+
+def test_rows_of_gone_runs_are_kept_from_the_previous_result(study, tmp_path):
+    """A fresh checkout has no runs/: collect() keeps the earlier result's rows of configurations still in ORDER
+    (marked kept), drops the others, and recomputes the traffic fractions against the fp16 seed-0 row."""
+    def row(config, seed, up, down):
+        return {**_row(config, seed, 60.0, 400.0), "bytes_per_sample_up": up, "bytes_per_sample_down": down}
+
+    kept = [row("fp16", 0, 1000.0, 1000.0), row("fsq-L4-ans-clr0", 3, 50.0, 1000.0), row("no-such-config", 0, 1, 1)]
+    rows = study.collect(tmp_path / "runs", tmp_path / "base", kept)
+    assert [(r["config"], r["seed"]) for r in rows] == [("fp16", 0), ("fsq-L4-ans-clr0", 3)]
+    assert all(r["kept"] for r in rows)
+    assert rows[1]["total_fraction_of_fp16"] == pytest.approx(0.525)
+    assert study.collect(tmp_path / "runs", tmp_path / "base") == []
