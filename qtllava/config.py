@@ -145,10 +145,10 @@ class CompressConfig:
     # client's token embeddings stay as they are). Text-row gradients reach only the client's token embeddings (and
     # the text codec's client half); image-row gradients train the connector
     downlink_text: str = ""
-    # the server sums the text rows' gradients over rows with equal values (the same token: every text codec maps a
-    # token's embedding row by row) and sends one row per distinct value; the client spreads each sum evenly over
-    # those rows. Exact for every client parameter behind the text rows, and far fewer rows (tiny stage 2: 78
-    # distinct tokens among 512 text rows a batch)
+    # the server sums the text rows' gradients over rows with equal values and sends one row per distinct value; the
+    # client spreads each sum evenly over those rows. Rows with equal values come from the same token, whose
+    # Jacobians are equal, so every client parameter behind the text rows gets its exact gradient (two tokens whose
+    # codes collided would share theirs), from far fewer rows (tiny stage 2: 78 distinct tokens among 512 text rows)
     merge_text_rows: bool = False
     stochastic_rounding: bool = False
 

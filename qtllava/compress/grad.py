@@ -13,9 +13,10 @@ byte, low nibble first, stored as q + 8); side = the per-row scales (int codecs 
 Error bounds per element (row absmax s): deterministic rounding |g - g_hat| <= s / (2Q); stochastic rounding
 |g - g_hat| < s / Q and E[g_hat] = g.
 
-Rows with equal values (`merge_rows` / `spread_rows`, config `compress.merge_text_rows`): where a client maps each
-input row to its values on its own (a token's embedding through a row-wise codec), rows with equal values have equal
-Jacobians, so the gradient any client parameter receives depends only on the sum of their gradients. The server
+Rows with equal values (`merge_rows` / `spread_rows`, config `compress.merge_text_rows`): where rows with equal values
+come from equal inputs (the same token's embedding through the text codec), they have equal Jacobians, so the
+gradient any client parameter receives depends only on the sum of their gradients (inputs that differ but whose
+codes collide would share one sum: an approximation only there). The server
 sends one summed row per distinct value; the client, which holds bit-equal values, finds the same groups (in the
 lexicographic order of the rows) and hands each of a group's rows an equal share of its sum.
 """
