@@ -12,8 +12,9 @@ trainable parameters' gradients are compared with the exact ones, per group (`co
 - bits: payload bits (values and side information) per element of the image and of the text rows;
 - rows: relative error |coded - exact| / |exact| of the image and of the text rows' gradient as sent (merged:
   of the summed rows);
-- adam: cosine between Adam-like directions after all batches, sum_k g_k / sqrt(sum_k g_k^2) per element (exact
-  vs coded): how much of the per-element step direction survives the codec once Adam normalises each element;
+- adam: cosine between Adam-like directions after all batches, mean_k g_k / (sqrt(mean_k g_k^2) + eps) per element
+  (exact vs coded; eps = AdamW's 1e-8): how much of the per-element step survives the codec once Adam normalises
+  each element;
 - clip: mean ratio of the coded to the exact total gradient norm over all groups (what `max_grad_norm` sees).
 
 Only the downlink part of the client's gradient is compared (the codecs' auxiliary losses are the same either way).
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import CONFIGS  # noqa: E402
 
 log = logging.getLogger("downlink_probe")
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which qtllava's optimizers use
 
 
 def group_of(name: str) -> str:
@@ -110,10 +112,13 @@ def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, 
                 s = sums[c][g]
                 sums[c][g] = (q.clone(), q * q) if s is None else (s[0] + q, s[1] + q * q)
         log.info("batch %d/%d: loss %.4f", k + 1, n_batches, float(res.loss.detach()))
+    def adam(s: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # mean / (root mean square + AdamW's eps)
+        return (s[0] / n_batches) / ((s[1] / n_batches).sqrt() + ADAM_EPS)
+
     for c in names:
-        ex = {g: sums["exact"][g][0] / sums["exact"][g][1].sqrt().clamp_min(1e-30) for g in groups}
+        ex = {g: adam(sums["exact"][g]) for g in groups}
         for g in groups:
-            d = sums[c][g][0] / sums[c][g][1].sqrt().clamp_min(1e-30)
+            d = adam(sums[c][g])
             per[c][g]["adam"] = float(torch.nn.functional.cosine_similarity(ex[g], d, dim=0, eps=1e-30))
         per[c]["clip"] = clip[c]
         per[c]["rows"] = rows[c]

@@ -95,9 +95,9 @@ CONFIGS: dict[str, list[str]] = {
         'compress.downlink="int4-ans"', 'compress.downlink_text="int8-ans"', "compress.merge_text_rows=true"],
     "fsq-L4-ans-int5ans-tm8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + [
         'compress.downlink="int5-ans"', 'compress.downlink_text="int8-ans"', "compress.merge_text_rows=true"],
-    # is the fp16 downlink's edge its flushing of tiny gradients (session 14: the embeddings' Adam direction keeps
-    # 0.95 under fp16, 0.999 under int8-ans)? The exact downlink and int8-ans with the maps frozen, against
-    # fsq-L4-ans-clr0 (fp16 downlink)
+    # is the fp16 downlink's edge over every integer grid real (session 14: merged int8-ans text rows and int5-ans
+    # image rows update the client as faithfully as fp16, yet glyph stays 2.6-3.5 points lower)? The exact downlink
+    # and int8-ans with the maps frozen, against fsq-L4-ans-clr0 (fp16 downlink)
     "fsq-L4-ans-fp32-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="fp32"'],
     "fsq-L4-ans-int8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int8-ans"'],
     "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
