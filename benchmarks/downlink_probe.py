@@ -112,6 +112,7 @@ def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, 
                 s = sums[c][g]
                 sums[c][g] = (q.clone(), q * q) if s is None else (s[0] + q, s[1] + q * q)
         log.info("batch %d/%d: loss %.4f", k + 1, n_batches, float(res.loss.detach()))
+
     def adam(s: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # mean / (root mean square + AdamW's eps)
         return (s[0] / n_batches) / ((s[1] / n_batches).sqrt() + ADAM_EPS)
 

@@ -16,9 +16,9 @@ Error bounds per element (row absmax s): deterministic rounding |g - g_hat| <= s
 Rows with equal values (`merge_rows` / `spread_rows`, config `compress.merge_text_rows`): where rows with equal values
 come from equal inputs (the same token's embedding through the text codec), they have equal Jacobians, so the
 gradient any client parameter receives depends only on the sum of their gradients (inputs that differ but whose
-codes collide would share one sum: an approximation only there). The server
-sends one summed row per distinct value; the client, which holds bit-equal values, finds the same groups (in the
-lexicographic order of the rows) and hands each of a group's rows an equal share of its sum.
+codes collide would share one sum: an approximation only there). The server sends one summed row per distinct value;
+the client, which holds bit-equal values, finds the same groups (in the lexicographic order of the rows) and hands
+each of a group's rows an equal share of its sum.
 """
 
 from __future__ import annotations
