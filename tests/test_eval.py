@@ -358,7 +358,8 @@ def test_evaluate_always_yes_and_oracle(tmp_path, suites):
     assert res["shape-pope"]["ours"] == pytest.approx(100 * 2 / 3)
     assert res["shape-mme"]["ours"] == pytest.approx(100.0)
     for r in res.values():
-        assert {"metric", "ours", "chance", "majority", "details"} <= r.keys()
+        assert {"metric", "ours", "chance", "majority", "details", "answers"} <= r.keys()
+        assert len(r["answers"]) == r["details"]["n"] and set(r["answers"].values()) == {"yes"}
 
     truth = {}
     for d in suites.values():
@@ -366,6 +367,7 @@ def test_evaluate_always_yes_and_oracle(tmp_path, suites):
     res = evaluate(tmp_path, lambda batch: [truth[q["question_id"]] for q in batch], batch_size=3)
     for name in ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope"):
         assert res[name]["ours"] == pytest.approx(100.0), name
+        assert res[name]["answers"] == {str(q): a for q, a in _oracle_map(suites[name]).items()}, name
     assert res["shape-mme"]["ours"] == pytest.approx(res["shape-mme"]["details"]["max"]) == 400.0
 
     table = format_table(res)

@@ -69,8 +69,9 @@ def evaluate(data_root: str | Path, answer_fn: AnswerFn, suites: Sequence[str] =
     """Answer and score the benchmark suites under `<data_root>/suites/`.
 
     limit: questions per suite (the first ones of questions.jsonl); 0 = all. Returns, per suite in the order
-    given, {"metric", "ours", "chance", "majority", "details"}; chance and majority are computed on the same
-    questions as ours (see `suites.baselines`).
+    given, {"metric", "ours", "chance", "majority", "details", "answers"}; chance and majority are computed on the
+    same questions as ours (see `suites.baselines`); `answers` maps each question id (as a string) to the model's
+    answer.
     """
     root = Path(data_root)
     if isinstance(suites, str):
@@ -93,8 +94,11 @@ def evaluate(data_root: str | Path, answer_fn: AnswerFn, suites: Sequence[str] =
         predictions = {q["question_id"]: a for q, a in zip(questions, answers)}
         scored = score_suite(d, predictions)
         base = baselines(d, question_ids=list(predictions))
+        # the answers go with the scores (like lmms-eval's logged samples): a result can be scored again, or
+        # two models compared question by question, without generating again
         results[name] = {"metric": METRICS[name], "ours": scored["headline"], "chance": base["chance"],
-                         "majority": base["majority"], "details": scored["details"]}
+                         "majority": base["majority"], "details": scored["details"],
+                         "answers": {str(q): a for q, a in predictions.items()}}
         log.info("%s: %s ours %.2f chance %.2f majority %.2f (n=%d)", name, METRICS[name], scored["headline"],
                  base["chance"], base["majority"], scored["details"]["n"])
     return results
