@@ -220,6 +220,17 @@ def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
     return rows
 
 
+def pending(only: list[str] | None, kept: list[dict] = ()) -> list[tuple[str, int]]:
+    """The jobs of ORDER to run, in order: those of the configurations in `only` (all when empty), less those with a
+    row in `kept` (the previous results/study.json: a finished run of the same base, not trained again)."""
+    jobs = [(n, s) for n, s in ORDER if not only or n in only]
+    done = {(r["config"], r["seed"]) for r in kept}
+    if any(j in done for j in jobs):
+        log.info("%d of %d jobs have rows in the previous result; not run again", sum(j in done for j in jobs),
+                 len(jobs))
+    return [j for j in jobs if j not in done]
+
+
 HEADLINE = ["soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme"]
 
 
@@ -357,7 +368,8 @@ def main() -> None:
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--keep", default="results/study.json",
-                   help="rows of runs whose folders are gone are kept from this earlier result (\"\" = none); "
+                   help="rows of runs whose folders are gone are kept from this earlier result, and their jobs "
+                        "are not run again (\"\" = none); "
                         "valid only while the base is the same (the stage-0 base is deterministic: the same "
                         "command on the same kind of machine trains it again bit for bit)")
     args = p.parse_args()
@@ -375,7 +387,8 @@ def main() -> None:
                      out / "base.log")
             if rc:
                 raise SystemExit(f"stage 0 failed (rc {rc}); see {out / 'base.log'}")
-    jobs = [(n, s) for n, s in ORDER if not args.only or n in args.only]
+    kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
+    jobs = pending(args.only, kept)
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def one(job):
@@ -399,7 +412,6 @@ def main() -> None:
                 if rc:
                     log.error("%s seed %d failed; see %s", name, seed,
                               job_dir(out, name, seed, base).with_suffix(".log"))
-    kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
     rows = collect(out, base, kept)
     n_kept = sum(1 for r in rows if r.get("kept"))
     if n_kept:

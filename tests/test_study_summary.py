@@ -49,3 +49,15 @@ def test_rows_of_gone_runs_are_kept_from_the_previous_result(study, tmp_path):
     assert all(r["kept"] for r in rows)
     assert rows[1]["total_fraction_of_fp16"] == pytest.approx(0.525)
     assert study.collect(tmp_path / "runs", tmp_path / "base") == []
+
+
+def test_jobs_with_kept_rows_are_not_run_again(study):
+    """A row of the previous result is a finished run of the same base: `pending` leaves its job out, keeps ORDER's
+    order for the rest, and runs everything of `only` when nothing is kept."""
+    only = ["fsq-L4-ans-clr0"]
+    all_jobs = study.pending(only)
+    assert all_jobs and all(n == "fsq-L4-ans-clr0" for n, _ in all_jobs)
+    assert [s for _, s in all_jobs] == sorted(s for _, s in all_jobs)
+    kept = [_row("fsq-L4-ans-clr0", 0, 60.0, 400.0), _row("fsq-L4-ans-clr0", 3, 60.0, 400.0), _row("fp16", 1, 1, 1)]
+    assert study.pending(only, kept) == [j for j in all_jobs if j[1] not in (0, 3)]
+    assert ("fp16", 1) not in study.pending(None, kept) and ("fp16", 2) in study.pending(None, kept)
