@@ -1,0 +1,172 @@
+"""Teacher-forced loss of the right answer on the benchmark suites: a low-noise companion to their accuracy.
+
+A suite's accuracy counts 200 right-or-wrong answers, so one run's score moves by several points between seeds and
+two configurations need many seeds to be told apart. The loss of the reference answer given the image and question
+is continuous: for every question of a suite the checkpoint reads the chat prompt that generation reads (the
+question with its image) followed by the suite's canonical answer, and the summed cross-entropy of the answer's
+tokens (with the end of turn) is taken, as in training. Reported per suite: the mean answer loss in nats per question,
+and the share of questions whose every answer token is the argmax (teacher-forced exact match, close to what greedy
+generation scores on one-word answers). Measuring on the suites is not tuning on them: nothing is chosen by it.
+
+    python benchmarks/answer_nll.py runs/study/fp16/seed5/stage2/final runs/study/fsq-L4-ans-clr0/seed5/stage2/final
+    python benchmarks/answer_nll.py --study runs/study --configs fp16 fsq-L4-ans-clr0 --json results/answer_nll.json
+
+`--study DIR` takes every `DIR/<config>/seed<k>/stage2/final` that is finished (of `--configs`, default all) and adds
+a table of differences to fp16 paired by seed (the same batches in the same order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qtllava.config import load_config
+from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
+from qtllava.eval.jsonl import read_jsonl
+from qtllava.model.parts import ClientPart, ServerPart
+from qtllava.train.loop import load_tokenizer_for
+
+log = logging.getLogger("answer_nll")
+SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
+IMAGE = "<image>"
+
+
+def suite_conversations(suite_dir: Path) -> list[dict]:
+    """The suite's questions as LLaVA conversations: the question (with its image) and the canonical answer."""
+    answers = {str(r["question_id"]): r for r in read_jsonl(suite_dir / "answers.jsonl",
+                                                            required=("question_id", "answer"))}
+    out = []
+    for q in read_jsonl(suite_dir / "questions.jsonl", required=("question_id", "text")):
+        qid = str(q["question_id"])
+        if qid not in answers:
+            raise ValueError(f"{suite_dir / 'answers.jsonl'}: no answer for question {qid!r}")
+        text = q["text"] if not q.get("image") or IMAGE in q["text"] else f"{IMAGE}\n{q['text']}"
+        rec = {"id": qid, "conversations": [{"from": "human", "value": text},
+                                            {"from": "gpt", "value": str(answers[qid]["answer"])}]}
+        if q.get("image"):
+            rec["image"] = q["image"]
+        out.append(rec)
+    return out
+
+
+@torch.no_grad()
+def answer_losses(client: ClientPart, server: ServerPart, ds: LlavaDataset, pad_id: int,
+                  batch_size: int = 32) -> tuple[list[float], list[bool]]:
+    """Per question: the summed cross-entropy (nats) of its answer tokens, and whether each is the argmax."""
+    losses, exact = [], []
+    for start in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))], pad_id=pad_id)
+        sent = client(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits = server(sent.image.values, sent.text.values, sent.layout).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        mask = target != IGNORE_INDEX
+        ce = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none") * mask
+        right = (logits.argmax(-1) == target) | ~mask
+        losses += ce.sum(1).tolist()
+        exact += right.all(1).tolist()
+    return losses, exact
+
+
+def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str], batch_size: int) -> dict:
+    tok = load_tokenizer_for(cfg, data_root)
+    client = ClientPart.from_pretrained(checkpoint / "client").eval()
+    server = ServerPart.from_pretrained(checkpoint / "server").eval()
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for suite in suites:
+            path = Path(tmp) / f"{suite}.json"
+            path.write_text(json.dumps(suite_conversations(data_root / "suites" / suite)), encoding="utf-8")
+            ds = LlavaDataset.for_config(cfg, path, data_root / "images", tok, cfg.data.template)
+            losses, exact = answer_losses(client, server, ds, tok.pad_token_id, batch_size)
+            out[suite] = {"n": len(losses), "nll": sum(losses) / len(losses),
+                          "exact_pct": 100.0 * sum(exact) / len(exact), "per_question": [round(x, 5) for x in losses]}
+    return out
+
+
+def study_checkpoints(study: Path, configs: list[str] | None) -> dict[tuple[str, int], Path]:
+    found = {}
+    for final in sorted(study.glob("*/seed*/stage2/final")):
+        name, seed = final.parts[-4], final.parts[-3]
+        if (final / "DONE").exists() and re.fullmatch(r"seed\d+", seed) and (not configs or name in configs):
+            found[name, int(seed[4:])] = final
+    return found
+
+
+def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "fp16") -> list[dict]:
+    """Per configuration and suite: the mean difference of answer loss (and exact match) to `ref`, paired by seed,
+    with its standard error."""
+    rows = []
+    for name in sorted({n for n, _ in results} - {ref}):
+        seeds = sorted(s for n, s in results if n == name and (ref, s) in results)
+        if not seeds:
+            continue
+        row = {"config": name, "seeds": seeds}
+        for suite in suites:
+            for key in ("nll", "exact_pct"):
+                d = [results[name, s][suite][key] - results[ref, s][suite][key] for s in seeds]
+                m = sum(d) / len(d)
+                se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+                row[f"{suite}/{key}"] = {"delta": m, "se": se}
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", type=Path, help="stage-2 final folders (with client/ and server/)")
+    p.add_argument("--study", type=Path, help="a study folder: every finished <config>/seed<k>/stage2/final")
+    p.add_argument("--configs", nargs="*", help="with --study: only these configurations")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config)
+    data_root = Path(cfg.data.root)
+    jobs = {(str(c), 0): c for c in args.checkpoints}
+    if args.study:
+        jobs.update(study_checkpoints(args.study, args.configs))
+    if not jobs:
+        raise SystemExit("no checkpoints: name stage-2 final folders, or --study DIR")
+    results = {}
+    for key, ckpt in jobs.items():
+        if not (ckpt / "client").is_dir():
+            raise SystemExit(f"{ckpt}: not a checkpoint folder (no client/ inside)")
+        results[key] = checkpoint_losses(ckpt, cfg, data_root, args.suites, args.batch_size)
+        log.info("%s seed %d: %s", *key, "  ".join(f"{s} {r['nll']:.4f} ({r['exact_pct']:.1f} %)"
+                                                   for s, r in results[key].items()))
+    print("| config | seed | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
+    print("|---|---|" + "---:|---:|" * len(args.suites))
+    for (name, seed), r in sorted(results.items()):
+        print(f"| {name} | {seed} | " + " | ".join(f"{r[s]['nll']:.4f} | {r[s]['exact_pct']:.1f}" for s in args.suites)
+              + " |")
+    diffs = paired(results, args.suites) if args.study else []
+    if diffs:
+        print("\nAgainst fp16, paired by seed (mean difference +- standard error; loss in nats per question):\n")
+        print("| config | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
+        print("|---|---|" + "---:|---:|" * len(args.suites))
+        for row in diffs:
+            cells = [f"{row[f'{s}/{k}']['delta']:+.4f} +- {row[f'{s}/{k}']['se']:.4f}" if k == "nll" else
+                     f"{row[f'{s}/{k}']['delta']:+.1f} +- {row[f'{s}/{k}']['se']:.1f}"
+                     for s in args.suites for k in ("nll", "exact_pct")]
+            print(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                      if k != "checkpoints"} | {"checkpoints": [str(c) for c in args.checkpoints]},
+             "runs": [{"config": n, "seed": s, "checkpoint": str(jobs[n, s]), "suites": r}
+                      for (n, s), r in sorted(results.items())],
+             "paired_vs_fp16": diffs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

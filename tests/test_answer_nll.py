@@ -1,0 +1,42 @@
+"""benchmarks/answer_nll.py: the suites' questions with their answers, the teacher-forced answer loss of a real
+checkpoint (its exact match agrees with scoring the same answers), and differences paired by seed."""
+
+import math
+
+import pytest
+
+from qtllava.config import load_config
+from qtllava.data import make_data
+from qtllava.train.loop import run_stage
+
+
+@pytest.fixture(scope="module")
+def an(benchmark_module):
+    return benchmark_module("answer_nll")
+
+
+def test_answer_loss_of_a_checkpoint(an, tmp_path):
+    cfg = load_config("micro", ["train.stage0.steps=2", f'data.root="{tmp_path / "data"}"'])
+    root = make_data(cfg.data, cfg.vision.image_size, root=tmp_path / "data")
+    final = run_stage(cfg, "stage0", root, tmp_path / "s0", progress=False).final
+    recs = an.suite_conversations(root / "suites" / "glyph-vqa")
+    assert recs and all(r["conversations"][0]["value"].startswith("<image>\n") and "image" in r for r in recs)
+    res = an.checkpoint_losses(final, cfg, root, ["glyph-vqa", "shape-pope"], batch_size=5)
+    for suite, r in res.items():
+        assert r["n"] == len(an.suite_conversations(root / "suites" / suite)) == len(r["per_question"])
+        assert all(math.isfinite(x) and x > 0 for x in r["per_question"])  # an untrained model is never certain
+        assert r["nll"] == pytest.approx(sum(r["per_question"]) / r["n"], rel=1e-4)
+        assert 0.0 <= r["exact_pct"] <= 100.0
+    found = an.study_checkpoints(tmp_path, None)
+    assert found == {}  # s0/stage0 is not a study layout
+
+
+def test_paired_differences(an):
+    def res(nll, exact):
+        return {"glyph-vqa": {"nll": nll, "exact_pct": exact}}
+    results = {("fp16", 0): res(2.0, 40.0), ("fp16", 1): res(2.2, 36.0), ("x", 0): res(2.1, 38.0),
+               ("x", 1): res(2.5, 30.0), ("x", 2): res(9.0, 0.0)}  # seed 2 has no fp16 partner
+    (row,) = an.paired(results, ["glyph-vqa"])
+    assert row["config"] == "x" and row["seeds"] == [0, 1]
+    assert row["glyph-vqa/nll"]["delta"] == pytest.approx(0.2) and row["glyph-vqa/nll"]["se"] == pytest.approx(0.1)
+    assert row["glyph-vqa/exact_pct"]["delta"] == pytest.approx(-4.0)
