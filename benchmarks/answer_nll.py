@@ -11,8 +11,8 @@ generation scores on one-word answers). Measuring on the suites is not tuning on
     python benchmarks/answer_nll.py runs/study/fp16/seed5/stage2/final runs/study/fsq-L4-ans-clr0/seed5/stage2/final
     python benchmarks/answer_nll.py --study runs/study --configs fp16 fsq-L4-ans-clr0 --json results/answer_nll.json
 
-`--study DIR` takes every `DIR/<config>/seed<k>/stage2/final` that is finished (of `--configs`, default all) and adds
-a table of differences to fp16 paired by seed (the same batches in the same order).
+`--study DIR [DIR ...]` takes every `DIR/<config>/seed<k>/stage2/final` that is finished (of `--configs`, default
+all) and adds a table of differences to fp16 paired by seed (the same batches in the same order).
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="*", type=Path, help="stage-2 final folders (with client/ and server/)")
-    p.add_argument("--study", type=Path, help="a study folder: every finished <config>/seed<k>/stage2/final")
+    p.add_argument("--study", type=Path, nargs="+", default=[],
+                   help="study folders: every finished <config>/seed<k>/stage2/final (the first one found of a "
+                        "config and seed wins)")
     p.add_argument("--configs", nargs="*", help="with --study: only these configurations")
     p.add_argument("--config", default="tiny")
     p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
@@ -133,8 +135,8 @@ def main() -> None:
     cfg = load_config(args.config)
     data_root = Path(cfg.data.root)
     jobs = {(str(c), 0): c for c in args.checkpoints}
-    if args.study:
-        jobs.update(study_checkpoints(args.study, args.configs))
+    for study in reversed(args.study):
+        jobs.update(study_checkpoints(study, args.configs))
     if not jobs:
         raise SystemExit("no checkpoints: name stage-2 final folders, or --study DIR")
     results = {}
