@@ -10,6 +10,8 @@ trainable parameters' gradients are compared with the exact ones, per group (`co
 - cos: cosine of the coded gradient to the exact one, per batch, averaged;
 - norm: |coded| / |exact|, averaged;
 - bits: payload bits (values and side information) per element of the image and of the text rows;
+- zeroed: the share of the rows' non-zero gradient elements that arrive as zero (fp16 flushes those below 3e-8,
+  half its smallest subnormal; an integer grid those below half a step of their row's absmax);
 - rows: relative error |coded - exact| / |exact| of the image and of the text rows' gradient as sent (merged:
   of the summed rows);
 - adam: cosine between Adam-like directions after all batches, mean_k g_k / (sqrt(mean_k g_k^2) + eps) per element
@@ -52,10 +54,10 @@ def group_of(name: str) -> str:
 
 
 def coded(g: torch.Tensor, codec: str, sr: bool, generator: torch.Generator,
-          merge_by: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float]:
-    """g after the wire, the payload bytes it took and the relative error of the rows sent: exact for "exact",
-    else encoded and decoded by the gradient codec `codec`; `merge_by`: the rows' values, rows with equal values
-    sent as one summed row."""
+          merge_by: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float, float]:
+    """g after the wire, the payload bytes it took, the relative error of the rows sent and the share of their
+    non-zero elements that arrive as zero: exact for "exact", else encoded and decoded by the gradient codec
+    `codec`; `merge_by`: the rows' values, rows with equal values sent as one summed row."""
     sent = merge_rows(g, merge_by) if merge_by is not None else g
     if codec == "exact":
         back, nbytes = sent, 0
@@ -63,7 +65,9 @@ def coded(g: torch.Tensor, codec: str, sr: bool, generator: torch.Generator,
         packet = encode_grad(sent, codec, stochastic=sr, generator=generator)
         back, nbytes = decode_grad(packet).to(g.dtype), len(packet.payload) + len(packet.side)
     err = float((back - sent).norm() / sent.norm().clamp_min(1e-30))
-    return (spread_rows(back, merge_by) if merge_by is not None else back), nbytes, err
+    nonzero = sent != 0
+    zeroed = float(((back == 0) & nonzero).sum() / nonzero.sum().clamp_min(1))
+    return (spread_rows(back, merge_by) if merge_by is not None else back), nbytes, err, zeroed
 
 
 def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, seed: int,
@@ -77,6 +81,7 @@ def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, 
     clip = {c: 0.0 for c in names}
     rows = {c: {"image": 0.0, "text": 0.0} for c in names}
     bits = {c: {"image": 0.0, "text": 0.0} for c in names}
+    zeros = {c: {"image": 0.0, "text": 0.0} for c in names}
     sums = {c: {g: None for g in groups} for c in names}  # sum_k g_k, sum_k g_k^2 per group (flattened)
     gen = torch.Generator().manual_seed(seed)
     for k in range(n_batches):
@@ -92,8 +97,9 @@ def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, 
         for c in names:
             tensors, grads = [], []
             for m, v, g in (("image", out.image.values, gi), ("text", out.text.values, gt)):
-                sent, nbytes, err = coded(g, c, sr, gen, v if m == "text" and merge_text else None)
+                sent, nbytes, err, zeroed = coded(g, c, sr, gen, v if m == "text" and merge_text else None)
                 rows[c][m] += err / n_batches
+                zeros[c][m] += zeroed / n_batches
                 bits[c][m] += 8 * nbytes / max(g.numel(), 1) / n_batches
                 if v.requires_grad:
                     tensors.append(v)
@@ -123,19 +129,21 @@ def probe(client, server, batches, n_batches: int, codecs: list[str], sr: bool, 
             per[c][g]["adam"] = float(torch.nn.functional.cosine_similarity(ex[g], d, dim=0, eps=1e-30))
         per[c]["clip"] = clip[c]
         per[c]["rows"] = rows[c]
+        per[c]["zeroed"] = zeros[c]
         per[c]["bits"] = bits[c]
     return per
 
 
 def table(result: dict) -> str:
-    groups = sorted(g for g in next(iter(result.values())) if g not in ("clip", "rows", "bits"))
-    head = "| codec | image bits/el | text bits/el | image rows err | text rows err | " + \
+    groups = sorted(g for g in next(iter(result.values())) if g not in ("clip", "rows", "bits", "zeroed"))
+    head = "| codec | image bits/el | text bits/el | image rows err | text rows err | image zeroed | text zeroed | " + \
         " | ".join(f"{g} cos | {g} norm | {g} adam" for g in groups) + " | clip |"
-    lines = [head, "|" + "---|" * (6 + 3 * len(groups))]
+    lines = [head, "|" + "---|" * (8 + 3 * len(groups))]
     for c, r in result.items():
         cells = [f"{r[g]['cos']:.4f} | {r[g]['norm']:.3f} | {r[g]['adam']:.4f}" for g in groups]
         lines.append(f"| {c} | {r['bits']['image']:.3f} | {r['bits']['text']:.3f} | {r['rows']['image']:.4f} | "
-                     f"{r['rows']['text']:.4f} | " + " | ".join(cells) +
+                     f"{r['rows']['text']:.4f} | {r['zeroed']['image']:.3f} | {r['zeroed']['text']:.3f} | " +
+                     " | ".join(cells) +
                      f" | {r['clip']:.3f} |")
     return "\n".join(lines)
 

@@ -33,6 +33,8 @@ def test_probe_tells_lossless_from_coarse_and_merging_keeps_the_embedding_gradie
         assert r["fp32"]["connector"]["adam"] == pytest.approx(1.0, abs=1e-5)
         assert r["int2-ans"]["rows"]["image"] > 10 * r["int8-ans"]["rows"]["image"]
         assert r["int2-ans"]["connector"]["cos"] < r["int8-ans"]["connector"]["cos"]
+        assert r["fp32"]["zeroed"] == {"image": 0.0, "text": 0.0}
+        assert r["int2-ans"]["zeroed"]["image"] > r["int8-ans"]["zeroed"]["image"]
     assert plain["fp32"]["bits"]["image"] == pytest.approx(32.0, abs=0.01)
     assert merged["fp32"]["bits"]["text"] < 0.8 * plain["fp32"]["bits"]["text"]  # fewer rows sent
     assert "| fp32 |" in downlink_probe.table(merged)
