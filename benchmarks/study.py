@@ -366,6 +366,11 @@ def main() -> None:
     p.add_argument("--base", default="runs/baseline/stage0/final")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", nargs="*", help="config names to run (default: all, in priority order)")
+    p.add_argument("--seeds", type=int, nargs="*", help="only these seeds of ORDER (default: all)")
+    p.add_argument("--results", default="results/study",
+                   help="where the report goes: RESULTS.json, .md and .png (default results/study); with another "
+                        "--out and --keep \"\" a row can be trained again apart from the study to check it "
+                        "reproduces")
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--keep", default="results/study.json",
@@ -389,7 +394,7 @@ def main() -> None:
             if rc:
                 raise SystemExit(f"stage 0 failed (rc {rc}); see {out / 'base.log'}")
     kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
-    jobs = pending(args.only, kept)
+    jobs = [j for j in pending(args.only, kept) if args.seeds is None or j[1] in args.seeds]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def one(job):
@@ -417,7 +422,8 @@ def main() -> None:
     n_kept = sum(1 for r in rows if r.get("kept"))
     if n_kept:
         log.info("%d of %d rows kept from %s (their run folders are gone)", n_kept, len(rows), args.keep)
-    flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "")
+    flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "") + \
+        (f" --out {args.out}" if args.out != "runs/study" else "")
     how = (f"Command: `python benchmarks/study.py --config {args.config}{flags}` ({len(rows)} runs); "
            f"preset {args.config}; "
            f"steps {', '.join(_effective_steps(STUDY_STEPS + args.set))}; base {base}; machine {platform.machine()} "
@@ -427,9 +433,10 @@ def main() -> None:
            "and 2 (the shared stage 0 not counted)." +
            (f" {n_kept} rows were kept from the previous {args.keep} (run folders gone; same base command)."
             if n_kept else ""))
-    Path("results").mkdir(exist_ok=True)
-    Path("results/study.json").write_text(json.dumps({"how": how, "rows": rows, "summary": summary(rows)}, indent=2))
-    print(report(rows, Path("results/study.md"), Path("results/study.png"), {"how": how}))
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.with_suffix(".json").write_text(json.dumps({"how": how, "rows": rows, "summary": summary(rows)}, indent=2))
+    print(report(rows, res.with_suffix(".md"), res.with_suffix(".png"), {"how": how}))
 
 
 if __name__ == "__main__":
