@@ -119,7 +119,7 @@ def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="*", type=Path, help="stage-2 final folders (with client/ and server/)")
     p.add_argument("--study", type=Path, nargs="+", default=[],
@@ -127,12 +127,13 @@ def main() -> None:
                         "config and seed wins)")
     p.add_argument("--configs", nargs="*", help="with --study: only these configurations")
     p.add_argument("--config", default="tiny")
+    p.add_argument("--set", "-o", action="append", default=[], help="configuration overrides (e.g. data.root)")
     p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="also write the result here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     data_root = Path(cfg.data.root)
     jobs = {(str(c), 0): c for c in args.checkpoints}
     for study in reversed(args.study):
@@ -163,11 +164,9 @@ def main() -> None:
             print(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                      if k != "checkpoints"} | {"checkpoints": [str(c) for c in args.checkpoints]},
-             "runs": [{"config": n, "seed": s, "checkpoint": str(jobs[n, s]), "suites": r}
-                      for (n, s), r in sorted(results.items())],
-             "paired_vs_fp16": diffs}, indent=1))
+            {"args": vars(args), "runs": [{"config": n, "seed": s, "checkpoint": jobs[n, s], "suites": r}
+                                          for (n, s), r in sorted(results.items())],
+             "paired_vs_fp16": diffs}, indent=1, default=str))  # paths as strings
 
 
 if __name__ == "__main__":

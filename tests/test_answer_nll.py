@@ -1,6 +1,7 @@
 """benchmarks/answer_nll.py: the suites' questions with their answers, the teacher-forced answer loss of a real
 checkpoint (its exact match agrees with scoring the same answers), and differences paired by seed."""
 
+import json
 import math
 
 import pytest
@@ -27,8 +28,18 @@ def test_answer_loss_of_a_checkpoint(an, tmp_path):
         assert all(math.isfinite(x) and x > 0 for x in r["per_question"])  # an untrained model is never certain
         assert r["nll"] == pytest.approx(sum(r["per_question"]) / r["n"], rel=1e-4)
         assert 0.0 <= r["exact_pct"] <= 100.0
-    found = an.study_checkpoints(tmp_path, None)
-    assert found == {}  # s0/stage0 is not a study layout
+    assert an.study_checkpoints(tmp_path, None) == {}  # s0/stage0 is not a study layout
+    # a study layout (two configurations, one seed) through the command line, to the JSON it writes
+    for name in ("fp16", "fsq-x"):
+        (tmp_path / "study" / name / "seed0" / "stage2").mkdir(parents=True)
+        (tmp_path / "study" / name / "seed0" / "stage2" / "final").symlink_to(final)
+    out = tmp_path / "nll.json"
+    an.main(["--study", str(tmp_path / "study"), "--config", "micro", "-o", f'data.root="{root}"',
+             "--suites", "glyph-vqa", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert [(r["config"], r["seed"]) for r in got["runs"]] == [("fp16", 0), ("fsq-x", 0)]
+    (row,) = got["paired_vs_fp16"]
+    assert row["config"] == "fsq-x" and row["glyph-vqa/nll"]["delta"] == pytest.approx(0.0, abs=1e-6)  # same weights
 
 
 def test_paired_differences(an):
