@@ -102,7 +102,7 @@ def study_checkpoints(study: Path, configs: list[str] | None) -> dict[tuple[str,
 
 def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "fp16") -> list[dict]:
     """Per configuration and suite: the mean difference of answer loss (and exact match) to `ref`, paired by seed,
-    with its standard error."""
+    with its standard error (None for a single pair)."""
     rows = []
     for name in sorted({n for n, _ in results} - {ref}):
         seeds = sorted(s for n, s in results if n == name and (ref, s) in results)
@@ -113,10 +113,15 @@ def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "
             for key in ("nll", "exact_pct"):
                 d = [results[name, s][suite][key] - results[ref, s][suite][key] for s in seeds]
                 m = sum(d) / len(d)
-                se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+                se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
                 row[f"{suite}/{key}"] = {"delta": m, "se": se}
         rows.append(row)
     return rows
+
+
+def _cell(d: dict, digits: int) -> str:
+    """'+delta +- se' (the standard error only where two seeds or more pair up)."""
+    return f"{d['delta']:+.{digits}f}" + ("" if d["se"] is None else f" +- {d['se']:.{digits}f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,9 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| config | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
         print("|---|---|" + "---:|---:|" * len(args.suites))
         for row in diffs:
-            cells = [f"{row[f'{s}/{k}']['delta']:+.4f} +- {row[f'{s}/{k}']['se']:.4f}" if k == "nll" else
-                     f"{row[f'{s}/{k}']['delta']:+.1f} +- {row[f'{s}/{k}']['se']:.1f}"
-                     for s in args.suites for k in ("nll", "exact_pct")]
+            cells = [_cell(row[f"{s}/{k}"], 4 if k == "nll" else 1) for s in args.suites for k in ("nll", "exact_pct")]
             print(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(

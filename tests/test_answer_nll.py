@@ -40,6 +40,7 @@ def test_answer_loss_of_a_checkpoint(an, tmp_path):
     assert [(r["config"], r["seed"]) for r in got["runs"]] == [("fp16", 0), ("fsq-x", 0)]
     (row,) = got["paired_vs_fp16"]
     assert row["config"] == "fsq-x" and row["glyph-vqa/nll"]["delta"] == pytest.approx(0.0, abs=1e-6)  # same weights
+    assert row["glyph-vqa/nll"]["se"] is None and "NaN" not in out.read_text()  # one pair: no standard error
 
 
 def test_paired_differences(an):
