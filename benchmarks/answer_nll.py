@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
 from qtllava.eval.jsonl import read_jsonl
+from qtllava.eval.suites import load_suite
 from qtllava.model.parts import ClientPart, ServerPart
 from qtllava.train.loop import load_tokenizer_for
 
@@ -41,8 +42,7 @@ IMAGE = "<image>"
 
 def suite_conversations(suite_dir: Path) -> list[dict]:
     """The suite's questions as LLaVA conversations: the question (with its image) and the canonical answer."""
-    answers = {str(r["question_id"]): r for r in read_jsonl(suite_dir / "answers.jsonl",
-                                                            required=("question_id", "answer"))}
+    answers = load_suite(suite_dir).by_id
     out = []
     for q in read_jsonl(suite_dir / "questions.jsonl", required=("question_id", "text")):
         qid = str(q["question_id"])

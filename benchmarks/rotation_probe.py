@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qtllava.compress.fsq import (clip_width, level_values, normalization_stats, quantize_indices, restore_stats,
-                                  robust_normalize)
+from qtllava.compress.fsq import FsqEncoder
 
 log = logging.getLogger("rotation_probe")
 
@@ -59,12 +58,13 @@ def rotations(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def round_trip(x: torch.Tensor, rot: torch.Tensor, levels: int) -> dict[str, float]:
-    """fsq's round trip of the rows x (N, D) in the rotated basis: relative squared error and mean cosine of the
-    centred rows (the row mean is sent exactly), and the pooled entropy of the codes in bits per element."""
-    z = x @ rot.T
-    mu, sd = normalization_stats(z, "sample")
-    _, idx = quantize_indices(robust_normalize(z, clip_width(0.0, levels), "sample", stats=(mu, sd)), levels)
-    x_hat = restore_stats(level_values(levels)[idx.long()], mu, sd, "sample") @ rot
+    """fsq's round trip of the rows x (N, D) in the rotated basis (an fsq encoder whose map is `rot`, its defaults
+    otherwise: per-row statistics sent, the Gaussian-optimal width; back through rot^T): relative squared error and
+    mean cosine of the centred rows, and the pooled entropy of the codes in bits per element."""
+    enc = FsqEncoder(x.shape[1], x.shape[1], levels)
+    enc.proj.weight.copy_(rot)
+    _, values, idx, _ = enc.quantize(x)
+    x_hat = values @ rot
     centred = x - x.mean(dim=1, keepdim=True)
     centred_hat = x_hat - x.mean(dim=1, keepdim=True)
     p = torch.bincount(idx.flatten().long(), minlength=levels).double()

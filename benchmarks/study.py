@@ -221,15 +221,16 @@ def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
     return rows
 
 
-def pending(only: list[str] | None, kept: list[dict] = ()) -> list[tuple[str, int]]:
-    """The jobs of ORDER to run, in order: those of the configurations in `only` (all when empty), less those with a
-    row in `kept` (the previous results/study.json: a finished run of the same base, not trained again)."""
-    jobs = [(n, s) for n, s in ORDER if not only or n in only]
+def pending(only: list[str] | None, kept: list[dict] = (), seeds: list[int] | None = None) -> list[tuple[str, int]]:
+    """The jobs of ORDER to run, in order: those of the configurations in `only` (all when empty) and of `seeds`
+    (all when None), less those with a row in `kept` (the previous results/study.json: a finished run of the same
+    base, not trained again)."""
+    jobs = [(n, s) for n, s in ORDER if (not only or n in only) and (seeds is None or s in seeds)]
     done = {(r["config"], r["seed"]) for r in kept}
-    if any(j in done for j in jobs):
-        log.info("%d of %d jobs have rows in the previous result; not run again", sum(j in done for j in jobs),
-                 len(jobs))
-    return [j for j in jobs if j not in done]
+    todo = [j for j in jobs if j not in done]
+    if len(todo) < len(jobs):
+        log.info("%d of %d jobs have rows in the previous result; not run again", len(jobs) - len(todo), len(jobs))
+    return todo
 
 
 HEADLINE = ["soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme"]
@@ -394,7 +395,7 @@ def main() -> None:
             if rc:
                 raise SystemExit(f"stage 0 failed (rc {rc}); see {out / 'base.log'}")
     kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
-    jobs = [j for j in pending(args.only, kept) if args.seeds is None or j[1] in args.seeds]
+    jobs = pending(args.only, kept, args.seeds)
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def one(job):
