@@ -8,6 +8,9 @@ tokens (with the end of turn) is taken, as in training. Reported per suite: the 
 and the share of questions whose every answer token is the argmax (teacher-forced exact match, close to what greedy
 generation scores on one-word answers). Measuring on the suites is not tuning on them: nothing is chosen by it.
 
+`--suites ... instruct-val` adds the instruction corpus's validation split (every assistant turn of
+instruct_val.json; loss per record): the split that settings are tuned on (issue 6), never the suites.
+
     python benchmarks/answer_nll.py runs/study/fp16/seed5/stage2/final runs/study/fsq-L4-ans-clr0/seed5/stage2/final
     python benchmarks/answer_nll.py --study runs/study --configs fp16 fsq-L4-ans-clr0 --json results/answer_nll.json
 
@@ -37,6 +40,8 @@ from qtllava.train.loop import load_tokenizer_for
 
 log = logging.getLogger("answer_nll")
 SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
+VAL = "instruct-val"  # not a suite: the instruction corpus's validation split, read as it is
+VAL_FILE = "instruct_val.json"
 IMAGE = "<image>"
 
 
@@ -82,8 +87,11 @@ def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str],
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for suite in suites:
-            path = Path(tmp) / f"{suite}.json"
-            path.write_text(json.dumps(suite_conversations(data_root / "suites" / suite)), encoding="utf-8")
+            if suite == VAL:
+                path = data_root / VAL_FILE
+            else:
+                path = Path(tmp) / f"{suite}.json"
+                path.write_text(json.dumps(suite_conversations(data_root / "suites" / suite)), encoding="utf-8")
             ds = LlavaDataset.for_config(cfg, path, data_root / "images", tok, cfg.data.template)
             losses, exact = answer_losses(client, server, ds, tok.pad_token_id, batch_size)
             out[suite] = {"n": len(losses), "nll": sum(losses) / len(losses),
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="*", help="with --study: only these configurations")
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", "-o", action="append", default=[], help="configuration overrides (e.g. data.root)")
-    p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
+    p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES + (VAL,),
+                   help=f"suites to score (default: the five), and {VAL}: the tuning split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)

@@ -100,6 +100,11 @@ CONFIGS: dict[str, list[str]] = {
     # and int8-ans with the maps frozen, against fsq-L4-ans-clr0 (fp16 downlink)
     "fsq-L4-ans-fp32-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="fp32"'],
     "fsq-L4-ans-int8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int8-ans"'],
+    # one bit (session 16): which modality's one-bit rows cost the glyph words, the image rows' or the text rows'?
+    "fsq-L2-ans-image-clr0": _fsq(2, "ans", ("image",), codec_lr=0.0) + ['compress.text.name="identity"',
+                                                                          'compress.downlink="fp16"'],
+    "fsq-L2-ans-text-clr0": _fsq(2, "ans", ("text",), codec_lr=0.0) + ['compress.image.name="identity"',
+                                                                        'compress.downlink="fp16"'],
     "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
     "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
     "fsq-L4-ans-int4ans": _fsq(4, "ans") + ['compress.downlink="int4-ans"'],
@@ -143,7 +148,8 @@ ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans
     [(name, s) for s in range(5) for name in ("fsq-L4-ans-fp32-clr0", "fsq-L4-ans-int8ans-clr0")] + \
     [(name, s) for s in range(5, 10)  # session 15: seeds 5-9 of the references, the exact downlink, the targets
      for name in ("fp16", "fsq-L4-ans-clr0", "fsq-L4-ans-fp32-clr0", "fsq-L4-ans-int4ans-tm8ans-clr0")] + \
-    [("fsq-L2-ans-clr0", s) for s in range(5, 10)]
+    [("fsq-L2-ans-clr0", s) for s in range(5, 10)] + \
+    [(name, s) for s in range(5, 10) for name in ("fsq-L2-ans-image-clr0", "fsq-L2-ans-text-clr0")]
 # Issue 6's accuracy targets: points (percent; shape-mme in percent of its maximum 800) that a configuration's mean
 # may fall below the fp16 mean.
 TARGETS = {"fsq-L4-ans": 1.0, "fsq-L4-ans-int4ans": 1.0, "fsq-L4-ans-int8ans": 1.0, "fsq-L2-ans": 3.0,

@@ -28,6 +28,10 @@ def test_answer_loss_of_a_checkpoint(an, tmp_path):
         assert all(math.isfinite(x) and x > 0 for x in r["per_question"])  # an untrained model is never certain
         assert r["nll"] == pytest.approx(sum(r["per_question"]) / r["n"], rel=1e-4)
         assert 0.0 <= r["exact_pct"] <= 100.0
+    # the tuning split: every record of instruct_val.json as it is, all of its assistant turns scored
+    (val,) = an.checkpoint_losses(final, cfg, root, [an.VAL], batch_size=5).values()
+    assert val["n"] == len(json.loads((root / an.VAL_FILE).read_text())) > 0
+    assert all(math.isfinite(x) and x > 0 for x in val["per_question"])
     assert an.study_checkpoints(tmp_path, None) == {}  # s0/stage0 is not a study layout
     # a study layout (two configurations, one seed) through the command line, to the JSON it writes
     for name in ("fp16", "fsq-x"):
