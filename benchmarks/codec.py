@@ -43,13 +43,15 @@ LEVELS = (2, 4, 8, 16)
 ZSTD_LEVEL = 3  # zstd's default: what a user tries first
 
 
-DEFAULT_CHECKPOINTS = ("runs/study/fsq-L4-ans/seed0/stage2/final", "runs/baseline/stage2/final",
+# the study's fsq L = 4 rows (maps frozen, the default since session 7; any seed), then any finished tiny run
+DEFAULT_CHECKPOINTS = ("runs/study/fsq-L4-ans-clr0/seed*/stage2/final", "runs/baseline/stage2/final",
                        "runs/try-tiny/stage2/final")
 
 
 def default_checkpoint() -> str:
-    """The newest (by its DONE marker) of DEFAULT_CHECKPOINTS that exists, or "" when none does."""
-    found = [Path(p) for p in DEFAULT_CHECKPOINTS if (Path(p) / "DONE").exists()]
+    """The newest (by its DONE marker) of the folders that DEFAULT_CHECKPOINTS (glob patterns) name, or "" when
+    none is finished."""
+    found = [p for pat in DEFAULT_CHECKPOINTS for p in Path().glob(pat) if (p / "DONE").exists()]
     return str(max(found, key=lambda p: (p / "DONE").stat().st_mtime)) if found else ""
 
 
