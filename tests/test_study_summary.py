@@ -61,3 +61,20 @@ def test_jobs_with_kept_rows_are_not_run_again(study):
     kept = [_row("fsq-L4-ans-clr0", 0, 60.0, 400.0), _row("fsq-L4-ans-clr0", 3, 60.0, 400.0), _row("fp16", 1, 1, 1)]
     assert study.pending(only, kept) == [j for j in all_jobs if j[1] not in (0, 3)]
     assert ("fp16", 1) not in study.pending(None, kept) and ("fp16", 2) in study.pending(None, kept)
+
+
+def test_rows_with_longer_steps_are_compared_with_fp16_given_the_same_steps(study):
+    assert study.REFERENCES["fsq-L2-ans-clr0-s1x3"] == "fp16-s1x3"
+    assert all(ref in study.CONFIGS for ref in study.REFERENCES.values())
+    rows = [_row("fp16", 0, 60.0, 380.0), _row("fp16", 1, 62.0, 388.0),
+            _row("fp16-s1x3", 0, 66.0, 380.0), _row("fp16-s1x3", 1, 70.0, 388.0),
+            _row("fsq-L2-ans-clr0-s1x3", 0, 65.0, 380.0), _row("fsq-L2-ans-clr0-s1x3", 1, 67.0, 388.0)]
+    items = {it["config"]: it for it in study.summary(rows)}
+    cell = items["fsq-L2-ans-clr0-s1x3"]["suites"]["soc-vqa"]
+    assert items["fsq-L2-ans-clr0-s1x3"]["reference"] == "fp16-s1x3"
+    # against fp16-s1x3 (mean 68): -2 (against plain fp16 it would read +5)
+    assert cell["delta_vs_fp16"] == pytest.approx(-2.0) and cell["paired_delta"] == pytest.approx(-2.0)
+    assert cell["paired_se"] == pytest.approx(1.0) and cell["within_target"] is True
+    assert items["fp16-s1x3"]["suites"]["soc-vqa"]["delta_vs_fp16"] == pytest.approx(7.0)  # vs plain fp16
+    table = study.summary_table(list(items.values()))
+    assert "(-2.0 \u00b11.0)" in table
