@@ -1,0 +1,93 @@
+"""Probe: the image codec's server decoder fitted by least squares to the client's current rows during training.
+
+At one bit (fsq L = 2, statistics sent) a frozen identity decoder hands the LLM rows whose elements are all the row's
+mean +- its std: one magnitude for every channel. On the rows a trained client sends, that round trip loses 20-40 %
+of their variance, while a linear decoder fitted by least squares to the same codes loses 1-4 % (the rows are highly
+redundant across channels). Trained by Adam the decoder drifts (docs/study.md, session 7; learned in stage 1 only it
+did worse, session 16). Here it is instead refitted in closed form (`fsq.fit_decoder`) every `--every` optimizer
+steps, on the connector rows of the last `--window` steps' images, so the LLM reads rows close to the connector's own
+while the codes stay one bit.
+
+In-process training only: in a split deployment the client holds the rows and would send the fitted map (D x (D+1)
+numbers) to the server; that message does not exist yet. This probe only measures whether the fit helps, with the
+study's steps, base and seeds, into `--out` (default runs/refit/<config>/seed<k>):
+
+    python benchmarks/refit_probe.py --config-name fsq-L2-ans-clr0 --seeds 5 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
+from qtllava.config import load_config
+from qtllava.pipeline import run_pipeline
+from qtllava.train.client_runtime import ClientRuntime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import CONFIGS, STUDY_STEPS  # noqa: E402
+
+log = logging.getLogger("refit_probe")
+
+
+def install_refit(every: int, window: int) -> None:
+    """Wrap `ClientRuntime.train_step`: before every `every`-th step of a runtime whose link is in this process,
+    refit the server's fsq image decoder on the connector rows of the last `window` steps (this one included)."""
+    original = ClientRuntime.train_step
+
+    def train_step(self, micro_batches):
+        server = getattr(getattr(self.link, "handler", None), "part", None)
+        enc, dec = self.part.image_codec, getattr(server, "image_codec", None)
+        if isinstance(enc, FsqEncoder) and isinstance(dec, FsqDecoder):
+            rows = getattr(self, "_refit_rows", None)
+            if rows is None:
+                rows = self._refit_rows = deque(maxlen=window)
+                self._refit_calls = 0
+            with torch.no_grad():
+                feats = [self.part.image_features(b["pixel_values"]) for b in micro_batches
+                         if b.get("pixel_values") is not None and b["pixel_values"].numel()]
+            if feats:
+                rows.append(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float())
+            if self._refit_calls % every == 0 and rows:
+                err = fit_decoder(enc, dec, torch.cat(list(rows)))
+                if self._refit_calls % (10 * every) == 0:
+                    log.info("%s step %d: image decoder refitted on %d rows, relative squared error %.4f",
+                             self.stage, self._refit_calls, sum(len(r) for r in rows), err)
+            self._refit_calls += 1
+        return original(self, micro_batches)
+
+    ClientRuntime.train_step = train_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-name", default="fsq-L2-ans-clr0", choices=sorted(CONFIGS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[5])
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--base", default="runs/baseline/stage0/final")
+    p.add_argument("--out", default="runs/refit")
+    p.add_argument("--set", "-o", action="append", default=[])
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    install_refit(args.every, args.window)
+    for seed in args.seeds:
+        cfg = load_config("tiny", STUDY_STEPS + CONFIGS[args.config_name] + args.set +
+                          [f"train.seed={seed}", "train.threads=1"])
+        out = Path(args.out) / f"{args.config_name}-refit{args.every}" / f"seed{seed}"
+        res = run_pipeline(cfg, out, resume=True, base=args.base, progress=False)
+        scores = {s: r["ours"] for s, r in res["eval"].items()}
+        log.info("%s seed %d: %s", args.config_name, seed, json.dumps(scores))
+
+
+if __name__ == "__main__":
+    main()
