@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from qtllava.eval.jsonl import read_jsonl
 from qtllava.eval.suites import load_suite
 from qtllava.model.parts import ClientPart, ServerPart
 from qtllava.train.loop import load_tokenizer_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import REFERENCES  # noqa: E402  (rows compared with fp16 given the same steps)
 
 log = logging.getLogger("answer_nll")
 SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
@@ -108,18 +112,21 @@ def study_checkpoints(study: Path, configs: list[str] | None) -> dict[tuple[str,
     return found
 
 
-def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "fp16") -> list[dict]:
-    """Per configuration and suite: the mean difference of answer loss (and exact match) to `ref`, paired by seed,
-    with its standard error (None for a single pair)."""
+def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "fp16",
+           references: dict[str, str] | None = None) -> list[dict]:
+    """Per configuration and suite: the mean difference of answer loss (and exact match) to its reference (`ref`,
+    or `references[config]`: the study's REFERENCES, fp16 given the same steps), paired by seed, with its standard
+    error (None for a single pair)."""
     rows = []
-    for name in sorted({n for n, _ in results} - {ref}):
-        seeds = sorted(s for n, s in results if n == name and (ref, s) in results)
-        if not seeds:
+    for name in sorted({n for n, _ in results}):
+        reference = (references or {}).get(name, ref)
+        seeds = sorted(s for n, s in results if n == name and (reference, s) in results)
+        if name == reference or not seeds:
             continue
-        row = {"config": name, "seeds": seeds}
+        row = {"config": name, "reference": reference, "seeds": seeds}
         for suite in suites:
             for key in ("nll", "exact_pct"):
-                d = [results[name, s][suite][key] - results[ref, s][suite][key] for s in seeds]
+                d = [results[name, s][suite][key] - results[reference, s][suite][key] for s in seeds]
                 m = sum(d) / len(d)
                 se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
                 row[f"{suite}/{key}"] = {"delta": m, "se": se}
@@ -166,14 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     for (name, seed), r in sorted(results.items()):
         print(f"| {name} | {seed} | " + " | ".join(f"{r[s]['nll']:.4f} | {r[s]['exact_pct']:.1f}" for s in args.suites)
               + " |")
-    diffs = paired(results, args.suites) if args.study else []
+    diffs = paired(results, args.suites, references=REFERENCES) if args.study else []
     if diffs:
-        print("\nAgainst fp16, paired by seed (mean difference +- standard error; loss in nats per question):\n")
-        print("| config | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
-        print("|---|---|" + "---:|---:|" * len(args.suites))
+        print("\nAgainst fp16 (or the row's reference: fp16 given the same steps), paired by seed (mean difference +- "
+              "standard error; loss in nats per question):\n")
+        print("| config | reference | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
+        print("|---|---|---|" + "---:|---:|" * len(args.suites))
         for row in diffs:
             cells = [_cell(row[f"{s}/{k}"], 4 if k == "nll" else 1) for s in args.suites for k in ("nll", "exact_pct")]
-            print(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+            print(f"| {row['config']} | {row['reference']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "runs": [{"config": n, "seed": s, "checkpoint": jobs[n, s], "suites": r}

@@ -56,3 +56,8 @@ def test_paired_differences(an):
     assert row["config"] == "x" and row["seeds"] == [0, 1]
     assert row["glyph-vqa/nll"]["delta"] == pytest.approx(0.2) and row["glyph-vqa/nll"]["se"] == pytest.approx(0.1)
     assert row["glyph-vqa/exact_pct"]["delta"] == pytest.approx(-4.0)
+    # a row with its own reference (fp16 given the same steps) is compared with that one
+    results.update({("fp16-long", 0): res(1.0, 50.0), ("x-long", 0): res(1.5, 45.0)})
+    rows = {r["config"]: r for r in an.paired(results, ["glyph-vqa"], references={"x-long": "fp16-long"})}
+    assert rows["x-long"]["reference"] == "fp16-long" and rows["x-long"]["glyph-vqa/nll"]["delta"] == pytest.approx(0.5)
+    assert rows["fp16-long"]["reference"] == rows["x"]["reference"] == "fp16"
