@@ -10,9 +10,12 @@ while the codes stay one bit.
 
 In-process training only: in a split deployment the client holds the rows and would send the fitted map (D x (D+1)
 numbers) to the server; that message does not exist yet. This probe only measures whether the fit helps, with the
-study's steps, base and seeds, into `--out` (default runs/refit/<config>/seed<k>):
+study's steps, base and seeds, into `--out` (default runs/refit/<config>-refit<every>[-through]/seed<k>):
 
-    python benchmarks/refit_probe.py --config-name fsq-L2-ans-clr0 --seeds 5 6
+    python benchmarks/refit_probe.py --config-name fsq-L2-ans-clr0 --seeds 5 6 [--through-fit]
+
+Measured (session 16, docs/study.md): it does not help. Both gradient paths ended stage 1 at a loss of 1.7-1.9
+against 0.81 with the frozen identity decoder, and the runs were stopped in stage 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+import types
 from collections import deque
 from pathlib import Path
 
@@ -37,9 +41,17 @@ from study import CONFIGS, STUDY_STEPS  # noqa: E402
 log = logging.getLogger("refit_probe")
 
 
-def install_refit(every: int, window: int) -> None:
+def _straight_through_forward(self: FsqDecoder, values: torch.Tensor) -> torch.Tensor:
+    # the fitted map's output forward, the identity backward: the gradient the server returns is the one at the
+    # decoded rows (~ the client's rows), not that gradient through the fitted map's transpose
+    fitted = self.proj(values.to(self.proj.weight.dtype)) * self.out_scale.to(self.proj.weight.dtype)
+    return values + (fitted - values).detach()
+
+
+def install_refit(every: int, window: int, straight_through: bool = True) -> None:
     """Wrap `ClientRuntime.train_step`: before every `every`-th step of a runtime whose link is in this process,
-    refit the server's fsq image decoder on the connector rows of the last `window` steps (this one included)."""
+    refit the server's fsq image decoder on the connector rows of the last `window` steps (this one included).
+    `straight_through`: the decoder passes the gradient on unchanged (else through the fitted map's transpose)."""
     original = ClientRuntime.train_step
 
     def train_step(self, micro_batches):
@@ -50,6 +62,8 @@ def install_refit(every: int, window: int) -> None:
             if rows is None:
                 rows = self._refit_rows = deque(maxlen=window)
                 self._refit_calls = 0
+                if straight_through:
+                    dec.forward = types.MethodType(_straight_through_forward, dec)
             with torch.no_grad():
                 feats = [self.part.image_features(b["pixel_values"]) for b in micro_batches
                          if b.get("pixel_values") is not None and b["pixel_values"].numel()]
@@ -75,15 +89,18 @@ def main() -> None:
     p.add_argument("--base", default="runs/baseline/stage0/final")
     p.add_argument("--out", default="runs/refit")
     p.add_argument("--set", "-o", action="append", default=[])
+    p.add_argument("--through-fit", action="store_true",
+                   help="the gradient through the fitted map's transpose (default: straight through the decoder)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(1)
-    install_refit(args.every, args.window)
+    install_refit(args.every, args.window, straight_through=not args.through_fit)
     for seed in args.seeds:
         cfg = load_config("tiny", STUDY_STEPS + CONFIGS[args.config_name] + args.set +
                           [f"train.seed={seed}", "train.threads=1"])
-        out = Path(args.out) / f"{args.config_name}-refit{args.every}" / f"seed{seed}"
+        out = Path(args.out) / f"{args.config_name}-refit{args.every}{'-through' if args.through_fit else ''}" / \
+            f"seed{seed}"
         res = run_pipeline(cfg, out, resume=True, base=args.base, progress=False)
         scores = {s: r["ours"] for s, r in res["eval"].items()}
         log.info("%s seed %d: %s", args.config_name, seed, json.dumps(scores))
