@@ -169,7 +169,8 @@ ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans
     [("fsq-L2-ans-clr0", s) for s in range(5, 10)] + \
     [(name, s) for s in (5, 6)  # session 16: what one bit costs, and five knobs tried against it (two seeds each)
      for name in ("fsq-L2-ans-image-clr0", "fsq-L2-ans-text-clr0", "fsq-L2-ans-clrs1", "fsq-L2-ans-dw1-clr0",
-                  "fsq-L2-ans-w3-clr0", "fp16-s1x3", "fsq-L2-ans-clr0-s1x3")]
+                  "fsq-L2-ans-w3-clr0", "fp16-s1x3", "fsq-L2-ans-clr0-s1x3")] + \
+    [(name, 7) for name in ("fsq-L2-ans-image-clr0", "fsq-L2-ans-text-clr0")]
 # The reference a configuration is compared with where it is not fp16 with the study's steps: the fp16 row given the
 # same steps.
 REFERENCES = {"fsq-L2-ans-clr0-s1x3": "fp16-s1x3"}
