@@ -118,7 +118,7 @@ CONFIGS: dict[str, list[str]] = {
                                                          'compress.downlink="fp16"'],
     # the paper's clipping at 3 std, at one bit: with the statistics sent the forward value of an L = 2 code does not
     # depend on the width (every element is mu +- sigma), but the clamp of the normalisation stops the gradient of
-    # every element outside it, and the Gaussian-optimal width for L = 2 (0.80 std) clamps 42 % of a Gaussian row,
+    # every element outside it, and the Gaussian-optimal width for L = 2 (0.80 std) clamps 43 % of a Gaussian row,
     # more as the distortion loss pushes the rows to +-1
     "fsq-L2-ans-w3-clr0": _fsq(2, "ans", codec_lr=0.0, norm_width=3.0) + ['compress.downlink="fp16"'],
     # a distortion weight four times the paper's 0.25 at one bit
@@ -299,7 +299,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 continue
             cell = {"mean": sum(vals) / len(vals), "range": max(vals) - min(vals),
                     "fp16_above_chance_and_majority": informative.get(suite)}
-            if refs:
+            if refs:  # "delta_vs_fp16" keeps its name in the JSON; it is against the row's reference
                 cell["delta_vs_fp16"] = cell["mean"] - sum(refs) / len(refs)
                 # paired by seed (the same batches in the same order): the standard error of the mean difference
                 ref_by_seed = {r["seed"]: r["suites"][suite] for r in ref if suite in r["suites"]}
