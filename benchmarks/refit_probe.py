@@ -48,11 +48,10 @@ def _straight_through_forward(self: FsqDecoder, values: torch.Tensor) -> torch.T
     return values + (fitted - values).detach()
 
 
-def install_refit(every: int, window: int, straight_through: bool = True) -> None:
-    """Wrap `ClientRuntime.train_step`: before every `every`-th step of a runtime whose link is in this process,
-    refit the server's fsq image decoder on the connector rows of the last `window` steps (this one included).
+def refit_step(original, every: int, window: int, straight_through: bool = True):
+    """`ClientRuntime.train_step` wrapped: before every `every`-th step of a runtime whose link is in this process,
+    the server's fsq image decoder is refitted on the connector rows of the last `window` steps (this one included).
     `straight_through`: the decoder passes the gradient on unchanged (else through the fitted map's transpose)."""
-    original = ClientRuntime.train_step
 
     def train_step(self, micro_batches):
         server = getattr(getattr(self.link, "handler", None), "part", None)
@@ -77,7 +76,7 @@ def install_refit(every: int, window: int, straight_through: bool = True) -> Non
             self._refit_calls += 1
         return original(self, micro_batches)
 
-    ClientRuntime.train_step = train_step
+    return train_step
 
 
 def main() -> None:
@@ -95,7 +94,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(1)
-    install_refit(args.every, args.window, straight_through=not args.through_fit)
+    ClientRuntime.train_step = refit_step(ClientRuntime.train_step, args.every, args.window,
+                                          straight_through=not args.through_fit)
     for seed in args.seeds:
         cfg = load_config("tiny", STUDY_STEPS + CONFIGS[args.config_name] + args.set +
                           [f"train.seed={seed}", "train.threads=1"])
