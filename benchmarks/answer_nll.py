@@ -9,7 +9,9 @@ and the share of questions whose every answer token is the argmax (teacher-force
 generation scores on one-word answers). Measuring on the suites is not tuning on them: nothing is chosen by it.
 
 `--suites ... instruct-val` adds the instruction corpus's validation split (every assistant turn of
-instruct_val.json; loss per record): the split that settings are tuned on (issue 6), never the suites.
+instruct_val.json; loss per record): the split that settings are tuned on (issue 6), never the suites. Its answer
+turns are also grouped by question kind (`instruct-val/word`: "What word is written in red?", the glyph-reading kind;
+`--val-kinds`), since the loss per record is decided by the other kinds.
 
     python benchmarks/answer_nll.py runs/study/fp16/seed5/stage2/final runs/study/fsq-L4-ans-clr0/seed5/stage2/final
     python benchmarks/answer_nll.py --study runs/study --configs fp16 fsq-L4-ans-clr0 --json results/answer_nll.json
@@ -40,6 +42,7 @@ from qtllava.model.parts import ClientPart, ServerPart
 from qtllava.train.loop import load_tokenizer_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from answer_probe import question_kind  # noqa: E402
 from study import REFERENCES  # noqa: E402  (rows compared with fp16 given the same steps)
 
 log = logging.getLogger("answer_nll")
@@ -67,10 +70,23 @@ def suite_conversations(suite_dir: Path) -> list[dict]:
 
 
 @torch.no_grad()
+def _spans(mask: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of True: the answer turns of one sequence's labels."""
+    out, start = [], None
+    for i, m in enumerate(mask + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
 def answer_losses(client: ClientPart, server: ServerPart, ds: LlavaDataset, pad_id: int,
-                  batch_size: int = 32) -> tuple[list[float], list[bool]]:
-    """Per question: the summed cross-entropy (nats) of its answer tokens, and whether each is the argmax."""
-    losses, exact = [], []
+                  batch_size: int = 32) -> tuple[list[float], list[bool], list[list[tuple[float, bool]]]]:
+    """Per question (record): the summed cross-entropy (nats) of its answer tokens, whether each is the argmax, and
+    per answer turn of the record (a run of answer tokens) its own summed loss and exact match."""
+    losses, exact, turns = [], [], []
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))], pad_id=pad_id)
         sent = client(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -81,7 +97,24 @@ def answer_losses(client: ClientPart, server: ServerPart, ds: LlavaDataset, pad_
         right = (logits.argmax(-1) == target) | ~mask
         losses += ce.sum(1).tolist()
         exact += right.all(1).tolist()
-    return losses, exact
+        for row_ce, row_right, row_mask in zip(ce.tolist(), right.tolist(), mask.tolist()):
+            turns.append([(sum(row_ce[a:b]), all(row_right[a:b])) for a, b in _spans(row_mask)])
+    return losses, exact, turns
+
+
+def by_kind(records: list[dict], turns: list[list[tuple[float, bool]]]) -> dict[str, dict]:
+    """The validation split's answer turns grouped by question kind (`answer_probe.question_kind`: word, exist,
+    color, ...): per kind the number of turns, their mean loss and exact-match share. A record whose answer turns do
+    not match its questions one to one (cut by the length limit) is left out."""
+    acc: dict[str, list[tuple[float, bool]]] = {}
+    for rec, rec_turns in zip(records, turns):
+        questions = [c["value"] for c in rec["conversations"] if c["from"] == "human"]
+        if len(questions) != len(rec_turns):
+            continue
+        for q, t in zip(questions, rec_turns):
+            acc.setdefault(question_kind(q), []).append(t)
+    return {k: {"n": len(v), "nll": sum(x for x, _ in v) / len(v), "exact_pct": 100.0 * sum(e for _, e in v) / len(v),
+                "per_question": [round(x, 5) for x, _ in v]} for k, v in sorted(acc.items())}
 
 
 def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str], batch_size: int) -> dict:
@@ -97,9 +130,14 @@ def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str],
                 path = Path(tmp) / f"{suite}.json"
                 path.write_text(json.dumps(suite_conversations(data_root / "suites" / suite)), encoding="utf-8")
             ds = LlavaDataset.for_config(cfg, path, data_root / "images", tok, cfg.data.template)
-            losses, exact = answer_losses(client, server, ds, tok.pad_token_id, batch_size)
+            losses, exact, turns = answer_losses(client, server, ds, tok.pad_token_id, batch_size)
             out[suite] = {"n": len(losses), "nll": sum(losses) / len(losses),
                           "exact_pct": 100.0 * sum(exact) / len(exact), "per_question": [round(x, 5) for x in losses]}
+            if suite == VAL:
+                records = json.loads(path.read_text(encoding="utf-8"))
+                if len(records) != len(losses):
+                    raise ValueError(f"{path}: {len(records)} records but {len(losses)} scored")
+                out.update({f"{VAL}/{k}": v for k, v in by_kind(records, turns).items()})
     return out
 
 
@@ -150,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", "-o", action="append", default=[], help="configuration overrides (e.g. data.root)")
     p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES + (VAL,),
                    help=f"suites to score (default: the five), and {VAL}: the tuning split")
+    p.add_argument("--val-kinds", nargs="*", default=["word"],
+                   help=f"with {VAL}: also show these question kinds of the split (answer turns; default: word, the "
+                        "glyph-reading kind); the JSON holds every kind")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
@@ -168,19 +209,21 @@ def main(argv: list[str] | None = None) -> None:
         results[key] = checkpoint_losses(ckpt, cfg, data_root, args.suites, args.batch_size)
         log.info("%s seed %d: %s", *key, "  ".join(f"{s} {r['nll']:.4f} ({r['exact_pct']:.1f} %)"
                                                    for s, r in results[key].items()))
-    print("| config | seed | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
-    print("|---|---|" + "---:|---:|" * len(args.suites))
+    kinds = [f"{VAL}/{k}" for k in args.val_kinds] if VAL in args.suites else []
+    shown = args.suites + [k for k in kinds if all(k in r for r in results.values())]
+    print("| config | seed | " + " | ".join(f"{s} loss | {s} exact %" for s in shown) + " |")
+    print("|---|---|" + "---:|---:|" * len(shown))
     for (name, seed), r in sorted(results.items()):
-        print(f"| {name} | {seed} | " + " | ".join(f"{r[s]['nll']:.4f} | {r[s]['exact_pct']:.1f}" for s in args.suites)
+        print(f"| {name} | {seed} | " + " | ".join(f"{r[s]['nll']:.4f} | {r[s]['exact_pct']:.1f}" for s in shown)
               + " |")
-    diffs = paired(results, args.suites, references=REFERENCES) if args.study else []
+    diffs = paired(results, shown, references=REFERENCES) if args.study else []
     if diffs:
         print("\nAgainst fp16 (or the row's reference: fp16 given the same steps), paired by seed (mean difference +- "
               "standard error; loss in nats per question):\n")
-        print("| config | reference | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in args.suites) + " |")
-        print("|---|---|---|" + "---:|---:|" * len(args.suites))
+        print("| config | reference | seeds | " + " | ".join(f"{s} loss | {s} exact %" for s in shown) + " |")
+        print("|---|---|---|" + "---:|---:|" * len(shown))
         for row in diffs:
-            cells = [_cell(row[f"{s}/{k}"], 4 if k == "nll" else 1) for s in args.suites for k in ("nll", "exact_pct")]
+            cells = [_cell(row[f"{s}/{k}"], 4 if k == "nll" else 1) for s in shown for k in ("nll", "exact_pct")]
             print(f"| {row['config']} | {row['reference']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -29,9 +29,18 @@ def test_answer_loss_of_a_checkpoint(an, tmp_path):
         assert r["nll"] == pytest.approx(sum(r["per_question"]) / r["n"], rel=1e-4)
         assert 0.0 <= r["exact_pct"] <= 100.0
     # the tuning split: every record of instruct_val.json as it is, all of its assistant turns scored
-    (val,) = an.checkpoint_losses(final, cfg, root, [an.VAL], batch_size=5).values()
-    assert val["n"] == len(json.loads((root / an.VAL_FILE).read_text())) > 0
+    got = an.checkpoint_losses(final, cfg, root, [an.VAL], batch_size=5)
+    val, records = got[an.VAL], json.loads((root / an.VAL_FILE).read_text())
+    assert val["n"] == len(records) > 0
     assert all(math.isfinite(x) and x > 0 for x in val["per_question"])
+    # ... and its answer turns by question kind: every turn once, their losses adding up to the records'
+    kinds = {k.split("/", 1)[1]: v for k, v in got.items() if k.startswith(an.VAL + "/")}
+    assert "word" in kinds and set(kinds) <= {"lookup", "letter", "caption", "word", "exist", "count", "where",
+                                               "color", "shape", "attr-yn", "other"}
+    n_turns = sum(1 for r in records for c in r["conversations"] if c["from"] == "gpt")
+    assert sum(v["n"] for v in kinds.values()) == n_turns
+    assert sum(sum(v["per_question"]) for v in kinds.values()) == pytest.approx(sum(val["per_question"]), rel=1e-3)
+    assert an._spans([False, True, True, False, True]) == [(1, 3), (4, 5)]
     assert an.study_checkpoints(tmp_path, None) == {}  # s0/stage0 is not a study layout
     # a study layout (two configurations, one seed) through the command line, to the JSON it writes
     for name in ("fp16", "fsq-x"):
