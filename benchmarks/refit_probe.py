@@ -93,7 +93,6 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    torch.set_num_threads(1)
     ClientRuntime.train_step = refit_step(ClientRuntime.train_step, args.every, args.window,
                                           straight_through=not args.through_fit)
     for seed in args.seeds:
