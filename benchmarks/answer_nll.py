@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from qtllava.train.loop import load_tokenizer_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from answer_probe import question_kind  # noqa: E402
-from study import REFERENCES  # noqa: E402  (rows compared with fp16 given the same steps)
+from study import REFERENCES, mean_and_se  # noqa: E402  (REFERENCES: rows compared with fp16 given the same steps)
 
 log = logging.getLogger("answer_nll")
 SUITES = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
@@ -69,7 +68,6 @@ def suite_conversations(suite_dir: Path) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def _spans(mask: list[bool]) -> list[tuple[int, int]]:
     """[start, end) of each run of True: the answer turns of one sequence's labels."""
     out, start = [], None
@@ -82,6 +80,7 @@ def _spans(mask: list[bool]) -> list[tuple[int, int]]:
     return out
 
 
+@torch.no_grad()
 def answer_losses(client: ClientPart, server: ServerPart, ds: LlavaDataset, pad_id: int,
                   batch_size: int = 32) -> tuple[list[float], list[bool], list[list[tuple[float, bool]]]]:
     """Per question (record): the summed cross-entropy (nats) of its answer tokens, whether each is the argmax, and
@@ -134,9 +133,12 @@ def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str],
             out[suite] = {"n": len(losses), "nll": sum(losses) / len(losses),
                           "exact_pct": 100.0 * sum(exact) / len(exact), "per_question": [round(x, 5) for x in losses]}
             if suite == VAL:
-                records = json.loads(path.read_text(encoding="utf-8"))
-                if len(records) != len(losses):
-                    raise ValueError(f"{path}: {len(records)} records but {len(losses)} scored")
+                by_id = {str(r.get("id")): r for r in json.loads(path.read_text(encoding="utf-8"))}
+                missing = [i for i in ds.ids if str(i) not in by_id]
+                if missing or len(by_id) != len(losses):
+                    raise ValueError(f"{path}: {len(by_id)} records but {len(losses)} scored (ids not found: "
+                                     f"{missing[:5]})")
+                records = [by_id[str(i)] for i in ds.ids]  # in the dataset's order, which the turns follow
                 out.update({f"{VAL}/{k}": v for k, v in by_kind(records, turns).items()})
     return out
 
@@ -165,8 +167,7 @@ def paired(results: dict[tuple[str, int], dict], suites: list[str], ref: str = "
         for suite in suites:
             for key in ("nll", "exact_pct"):
                 d = [results[name, s][suite][key] - results[reference, s][suite][key] for s in seeds]
-                m = sum(d) / len(d)
-                se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
+                m, se = mean_and_se(d)
                 row[f"{suite}/{key}"] = {"delta": m, "se": se}
         rows.append(row)
     return rows

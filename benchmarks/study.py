@@ -272,6 +272,14 @@ def _points(suite: str, value: float) -> float:
     return 100.0 * value / MME_MAX if suite == "shape-mme" else value
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (sample std / sqrt(n); None for fewer than two values)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Per configuration: mean and range over seeds per suite, the difference to the fp16 mean in points (to its
     REFERENCES row where it has one: fp16 with the same steps), and the verdict against the issue's targets (within
@@ -306,9 +314,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 diffs = [_points(suite, r["suites"][suite]) - _points(suite, ref_by_seed[r["seed"]])
                          for r in rs if suite in r["suites"] and r["seed"] in ref_by_seed]
                 if len(diffs) > 1 and name != ref_name:
-                    m = sum(diffs) / len(diffs)
-                    cell["paired_delta"] = m
-                    cell["paired_se"] = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+                    cell["paired_delta"], cell["paired_se"] = mean_and_se(diffs)
                 spread = max(max(refs) - min(refs), cell["range"]) if len(refs) > 1 else None
                 cell["within_seed_spread"] = None if spread is None else abs(cell["delta_vs_fp16"]) <= spread
                 if name in TARGETS:
