@@ -151,6 +151,11 @@ class CompressConfig:
     # codes collided would share theirs), from far fewer rows (tiny stage 2: 78 distinct tokens among 512 text rows)
     merge_text_rows: bool = False
     stochastic_rounding: bool = False
+    # the first stage (1 or 2) that sends these codecs; stage 1 before it sends fp16 both ways (the 16-bit
+    # reference). At that stage the codecs start fresh, and a fresh fsq image decoder is fitted by least squares on
+    # the connector rows of the stage's first batches (the connector is trained by then), so that the LLM starts
+    # from rows close to the ones it was trained on. The fit needs both halves in one process (docs/study.md)
+    first_stage: int = 1
 
 
 @dataclass

@@ -209,3 +209,39 @@ def test_resume_drops_a_half_written_metrics_row_and_names_a_bad_one(tmp_path):
     path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics row"):
         _truncate_metrics(path, 2)
+
+
+def test_codecs_from_stage_2_send_fp16_in_stage_1_and_fit_the_image_decoder(data_root, tmp_path):
+    """compress.first_stage = 2: stage 1 sends fp16 identity rows both ways; stage 2 starts fresh fsq codecs and fits
+    the image decoder on the trained connector's rows, so a one-bit round trip returns them far better than the
+    identity decoder does; a process with one half refuses the stage; other values are refused."""
+    from qtllava.compress.identity import IdentityEncoder
+    from qtllava.train.loop import stage_batches, stage_parts
+
+    cfg0 = load_config("micro", ["train.stage0.steps=2", "train.stage1.steps=2"])
+    r0 = run_stage(cfg0, "stage0", data_root, tmp_path / "s0", progress=False)
+    fsq = [f"compress.{m}.{k}={v}" for m in ("image", "text") for k, v in (("name", '"fsq"'), ("levels", 2),
+                                                                         ("coder", '"ans"'))]
+    cfg = load_config("micro", fsq + ["train.stage1.steps=2", "train.stage2.steps=2", "compress.first_stage=2"])
+    _, _, c1, _ = stage_parts(cfg, "stage1", data_root, r0.final)
+    assert isinstance(c1.image_codec, IdentityEncoder) and isinstance(c1.text_codec, IdentityEncoder)
+    r1 = run_stage(cfg, "stage1", data_root, tmp_path / "s1", init=r0.final, progress=False)
+    row = json.loads((tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()[0])
+    _, tok, client, server = stage_parts(cfg, "stage2", data_root, r1.final)
+    assert float(server.image_codec.out_scale) != 1.0  # fitted, not the fresh identity
+    pixels = stage_batches(cfg, "stage2", data_root, tok)(100)[0]["pixel_values"]
+    with torch.no_grad():
+        x = client.image_features(pixels).reshape(-1, client.hidden_size)
+        fitted = server.image_codec(client.image_codec(x).values)
+        _, _, c_id, s_id = stage_parts(load_config("micro", fsq + ["train.stage2.steps=2"]), "stage2", data_root,
+                                       r1.final)
+        plain = s_id.image_codec(c_id.image_codec(x).values)
+    err = lambda y: float(((y - x) ** 2).sum() / (x ** 2).sum())  # noqa: E731
+    assert err(fitted) < 0.8 * err(plain), (err(fitted), err(plain))
+    r2 = run_stage(cfg, "stage2", data_root, tmp_path / "s2", init=r1.final, progress=False)
+    up2 = json.loads((tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()[0])["bytes_up"]
+    assert up2 < row["bytes_up"] / 4 and r2.final.exists()  # stage 1 sent fp16, stage 2 one-bit codes
+    with pytest.raises(ValueError, match="one process"):
+        stage_parts(cfg, "stage2", data_root, r1.final, sides=("server",))
+    with pytest.raises(ValueError, match="first_stage"):
+        stage_parts(load_config("micro", ["compress.first_stage=0"]), "stage1", data_root, r0.final)

@@ -27,7 +27,7 @@ from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, load_tokenizer
 from qtllava.model.parts import WEIGHTS_NAME, ClientPart, ServerPart, build_parts
 from qtllava.train.client_runtime import ClientRuntime
-from qtllava.train.recipes import recipe, set_seed, stage_compress
+from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
 from qtllava.train.ucut import ClientHead, check_cut, load_head_weight
 from qtllava.wire.grpc_transport import RemoteError
@@ -35,8 +35,8 @@ from qtllava.wire.loopback import LoopbackLink
 from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "stage_batches", "client_head",
-           "STAGES"]
+           "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "fit_image_decoder",
+           "stage_batches", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,13 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
     starts fresh draw the same random numbers in one process and in two. Only the halves named in `sides` load
     their weights from `init/<side>`. -> (stage config, tokenizer, client, server)
     """
-    rec = recipe(stage)
+    fresh = stage_fresh(cfg, stage)
     scfg = stage_config(cfg, stage)
+    fit_image = init is not None and image_fit_due(cfg, stage)
+    if fit_image and not {"client", "server"} <= set(sides):
+        raise ValueError(f"{stage}: compress.first_stage = {cfg.compress.first_stage} fits the fresh image decoder on "
+                         "the connector's rows, which needs the client and the server half in one process; a split "
+                         "run (one half per process) cannot start the codecs there yet: use compress.first_stage = 1")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed + STAGES.index(stage))
@@ -141,12 +146,46 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
     if init is not None:
         init = Path(init)
         if "client" in sides:
-            load_part_weights(client, init / "client", ClientPart, rec.fresh)
+            load_part_weights(client, init / "client", ClientPart, fresh)
         if "server" in sides:
-            load_part_weights(server, init / "server", ServerPart, rec.fresh)
-        if "text_codec" in rec.fresh and "server" in sides:  # a client-only process drops the server half
+            load_part_weights(server, init / "server", ServerPart, fresh)
+        if "text_codec" in fresh and "server" in sides:  # a client-only process drops the server half
             fit_text_decoder(client, server, init / "client")
+        if fit_image:
+            fit_image_decoder(client, server, stage_batches(cfg, stage, data_root, tok))
     return scfg, tok, client, server
+
+
+def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows: int = 16384) -> float | None:
+    """Warm start of a fresh learned image codec behind a trained connector (`compress.first_stage` = 2): the
+    server's decoder fitted by least squares on the connector's rows of the stage's first batches (`batches`: step
+    -> micro-batches, as `stage_batches` returns), at least `max_rows` rows or every image of 64 steps.
+
+    At one bit a frozen identity decoder hands the LLM rows whose elements all sit at the row's mean +- its std,
+    20-40 % of their variance lost; a linear map fitted on the same codes loses 0.7-4 % (benchmarks/refit_probe.py,
+    docs/study.md). Refitted every few steps under a connector that trains from scratch, such a map gave the LLM no
+    stable input; fitted once, on a connector that already speaks the LLM's language, it does not move. The rows are
+    the client's own data and are used in-process only. Returns the relative squared error of the fit, or None when
+    the image codec has no learned decoder."""
+    if not isinstance(client.image_codec, FsqEncoder) or not isinstance(server.image_codec, FsqDecoder):
+        return None
+    w = next(client.connector.parameters())
+    device, dtype = w.device, w.dtype
+    rows, n = [], 0
+    with torch.no_grad():
+        for step in range(64):
+            for micro in batches(step):
+                pixels = micro.get("pixel_values")
+                if pixels is None or not len(pixels):
+                    continue
+                feats = client.image_features(pixels.to(device=device, dtype=dtype))
+                rows.append(feats.reshape(-1, feats.shape[-1]).float())
+                n += rows[-1].shape[0]
+            if n >= max_rows:
+                break
+    if not rows:
+        raise ValueError("fit_image_decoder: the stage's first 64 batches hold no image to fit the decoder on")
+    return fit_decoder(client.image_codec, server.image_codec, torch.cat(rows)[:max_rows])
 
 
 def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_rows: int = 16384) -> float | None:

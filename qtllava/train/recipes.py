@@ -14,8 +14,8 @@ from torch import nn
 
 from qtllava.config import CodecConfig, CompressConfig, Config, StageConfig
 
-__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "apply_trainable", "lr_at", "set_seed", "make_optimizer",
-           "codec_parameters", "set_lr"]
+__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "stage_fresh", "image_fit_due", "apply_trainable", "lr_at",
+           "set_seed", "make_optimizer", "codec_parameters", "set_lr"]
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,44 @@ def recipe(stage: str) -> Recipe:
     return RECIPES[stage]
 
 
+def _stage_index(stage: str) -> int:
+    return list(RECIPES).index(recipe(stage).name)
+
+
+def _first_compressed(cfg: Config) -> int:
+    first = cfg.compress.first_stage
+    if first not in (1, 2):
+        raise ValueError(f"compress.first_stage must be 1 or 2 (the first stage that sends the configured codecs), "
+                         f"got {first!r}")
+    return first
+
+
 def stage_compress(cfg: Config, stage: str) -> CompressConfig:
-    """The codecs used in `stage`: the configured ones, or fp32 passthrough for the uncompressed base stage."""
+    """The codecs used in `stage`: the configured ones; fp32 passthrough for the uncompressed base stage; fp16 both
+    ways for a compressed stage before `compress.first_stage`."""
     if recipe(stage).compressed:
-        return cfg.compress
+        if _stage_index(stage) >= _first_compressed(cfg):
+            return cfg.compress
+        fp16 = CodecConfig(name="identity", dtype="fp16")
+        return CompressConfig(image=fp16, text=CodecConfig(name="identity", dtype="fp16"), downlink="fp16")
     fp32 = CodecConfig(name="identity", dtype="fp32")
     return CompressConfig(image=fp32, text=CodecConfig(name="identity", dtype="fp32"), downlink="fp32")
+
+
+def stage_fresh(cfg: Config, stage: str) -> tuple[str, ...]:
+    """Submodules re-initialised at the start of `stage`: the recipe's, plus both codecs at `compress.first_stage`
+    (they were identity passthrough before it)."""
+    fresh = recipe(stage).fresh
+    if recipe(stage).compressed and _stage_index(stage) == _first_compressed(cfg):
+        fresh += tuple(c for c in CODECS if c not in fresh)
+    return fresh
+
+
+def image_fit_due(cfg: Config, stage: str) -> bool:
+    """Whether `stage` starts a fresh image codec behind a connector that is already trained (`compress.first_stage`
+    = 2): its decoder is then fitted on the connector's rows (`loop.fit_image_decoder`). In stage 1 the connector
+    itself starts fresh, so there is nothing to fit to."""
+    return stage != "stage1" and "image_codec" in stage_fresh(cfg, stage) and "connector" not in stage_fresh(cfg, stage)
 
 
 def apply_trainable(part: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
