@@ -84,7 +84,8 @@ def image_fit_due(cfg: Config, stage: str) -> bool:
     """Whether `stage` starts a fresh image codec behind a connector that is already trained (`compress.first_stage`
     = 2): its decoder is then fitted on the connector's rows (`loop.fit_image_decoder`). In stage 1 the connector
     itself starts fresh, so there is nothing to fit to."""
-    return stage != "stage1" and "image_codec" in stage_fresh(cfg, stage) and "connector" not in stage_fresh(cfg, stage)
+    fresh = stage_fresh(cfg, stage)
+    return "image_codec" in fresh and "connector" not in fresh
 
 
 def apply_trainable(part: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
