@@ -34,6 +34,7 @@ from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import load_config
 from qtllava.pipeline import run_pipeline
 from qtllava.train.client_runtime import ClientRuntime
+from qtllava.train.loop import connector_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import CONFIGS, STUDY_STEPS  # noqa: E402
@@ -63,11 +64,9 @@ def refit_step(original, every: int, window: int, straight_through: bool = True)
                 self._refit_calls = 0
                 if straight_through:
                     dec.forward = types.MethodType(_straight_through_forward, dec)
-            with torch.no_grad():
-                feats = [self.part.image_features(b["pixel_values"]) for b in micro_batches
-                         if b.get("pixel_values") is not None and b["pixel_values"].numel()]
-            if feats:
-                rows.append(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float())
+            got = connector_rows(self.part, micro_batches)
+            if got is not None:
+                rows.append(got)
             if self._refit_calls % every == 0 and rows:
                 err = fit_decoder(enc, dec, torch.cat(list(rows)))
                 if self._refit_calls % (10 * every) == 0:

@@ -36,7 +36,7 @@ from qtllava.wire.messages import pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
            "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "fit_image_decoder",
-           "stage_batches", "client_head", "STAGES"]
+           "connector_rows", "stage_batches", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -166,27 +166,30 @@ def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows:
     docs/study.md). Refitted every few steps under a connector that trains from scratch, such a map gave the LLM no
     stable input; fitted once, on a connector that already speaks the LLM's language, it does not move (measured on
     the tiny study: it leaves 0.6-1 % of the rows' squared norm, and glyph reading is no better for it; docs/study.md,
-    "Session 17"). The rows are the client's own data and are used in-process only. Returns the relative squared error of the fit, or None when
-    the image codec has no learned decoder."""
+    "Session 17"). The rows are the client's own data and are used in-process only. Returns the relative squared
+    error of the fit, or None when the image codec has no learned decoder."""
     if not isinstance(client.image_codec, FsqEncoder) or not isinstance(server.image_codec, FsqDecoder):
         return None
-    w = next(client.connector.parameters())
-    device, dtype = w.device, w.dtype
     rows, n = [], 0
-    with torch.no_grad():
-        for step in range(64):
-            for micro in batches(step):
-                pixels = micro.get("pixel_values")
-                if pixels is None or not len(pixels):
-                    continue
-                feats = client.image_features(pixels.to(device=device, dtype=dtype))
-                rows.append(feats.reshape(-1, feats.shape[-1]).float())
-                n += rows[-1].shape[0]
-            if n >= max_rows:
-                break
+    for step in range(64):
+        got = connector_rows(client, batches(step))
+        if got is not None:
+            rows.append(got)
+            n += got.shape[0]
+        if n >= max_rows:
+            break
     if not rows:
         raise ValueError("fit_image_decoder: the stage's first 64 batches hold no image to fit the decoder on")
     return fit_decoder(client.image_codec, server.image_codec, torch.cat(rows)[:max_rows])
+
+
+@torch.no_grad()
+def connector_rows(client: ClientPart, micro_batches: list[dict]) -> torch.Tensor | None:
+    """The connector's output rows (n, D), float32, for the images of one step's micro-batches (None: no image)."""
+    w = next(client.connector.parameters())
+    feats = [client.image_features(b["pixel_values"].to(device=w.device, dtype=w.dtype)) for b in micro_batches
+             if b.get("pixel_values") is not None and b["pixel_values"].numel()]
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float() if feats else None
 
 
 def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_rows: int = 16384) -> float | None:

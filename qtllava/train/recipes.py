@@ -62,13 +62,15 @@ def _first_compressed(cfg: Config) -> int:
 def stage_compress(cfg: Config, stage: str) -> CompressConfig:
     """The codecs used in `stage`: the configured ones; fp32 passthrough for the uncompressed base stage; fp16 both
     ways for a compressed stage before `compress.first_stage`."""
-    if recipe(stage).compressed:
-        if _stage_index(stage) >= _first_compressed(cfg):
-            return cfg.compress
-        fp16 = CodecConfig(name="identity", dtype="fp16")
-        return CompressConfig(image=fp16, text=CodecConfig(name="identity", dtype="fp16"), downlink="fp16")
-    fp32 = CodecConfig(name="identity", dtype="fp32")
-    return CompressConfig(image=fp32, text=CodecConfig(name="identity", dtype="fp32"), downlink="fp32")
+    if not recipe(stage).compressed:
+        return _passthrough("fp32")
+    return cfg.compress if _stage_index(stage) >= _first_compressed(cfg) else _passthrough("fp16")
+
+
+def _passthrough(dtype: str) -> CompressConfig:
+    """Identity codecs at `dtype` on both modalities, and the same dtype for the gradients."""
+    return CompressConfig(image=CodecConfig(name="identity", dtype=dtype),
+                          text=CodecConfig(name="identity", dtype=dtype), downlink=dtype)
 
 
 def stage_fresh(cfg: Config, stage: str) -> tuple[str, ...]:
