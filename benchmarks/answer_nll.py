@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qtllava.data.templates import template_name
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate
 from qtllava.eval.jsonl import read_jsonl
@@ -128,7 +129,7 @@ def checkpoint_losses(checkpoint: Path, cfg, data_root: Path, suites: list[str],
             else:
                 path = Path(tmp) / f"{suite}.json"
                 path.write_text(json.dumps(suite_conversations(data_root / "suites" / suite)), encoding="utf-8")
-            ds = LlavaDataset.for_config(cfg, path, data_root / "images", tok, cfg.data.template)
+            ds = LlavaDataset.for_config(cfg, path, data_root / "images", tok, template_name(cfg))
             losses, exact, turns = answer_losses(client, server, ds, tok.pad_token_id, batch_size)
             out[suite] = {"n": len(losses), "nll": sum(losses) / len(losses),
                           "exact_pct": 100.0 * sum(exact) / len(exact), "per_question": [round(x, 5) for x in losses]}

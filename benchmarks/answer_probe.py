@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from qtllava.data.templates import template_name
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, load_image
 from qtllava.data.world import GLYPH_COLORS, SHAPE_COLORS, SHAPES, SOC_COLORS
@@ -104,7 +105,7 @@ def caption_probe(checkpoint: Path, cfg, data_root: Path, n_records: int = 192, 
 def _open(checkpoint: Path, cfg, data_root: Path, file: str):
     """The tokenizer, the dataset of `file`, its records by id, and the checkpoint's two parts (eval mode)."""
     tok = load_tokenizer_for(cfg, data_root)
-    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, cfg.data.template)
+    ds = LlavaDataset.for_config(cfg, data_root / file, data_root / "images", tok, template_name(cfg))
     by_id = {str(r["id"]): r for r in json.loads((data_root / file).read_text(encoding="utf-8"))}
     client = ClientPart.from_pretrained(checkpoint / "client").eval()
     server = ServerPart.from_pretrained(checkpoint / "server").eval()

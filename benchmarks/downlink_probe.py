@@ -173,7 +173,7 @@ def main() -> None:
     data_root = Path(cfg.data.root)
     scfg, tok, client, server = stage_parts(cfg, args.stage, data_root, args.checkpoint)
     train_as = args.train_as or args.stage
-    apply_trainable(client, recipe(train_as).client_trainable)
+    apply_trainable(client, recipe(cfg, train_as).client_trainable)
     server.requires_grad_(False)
     client.train()
     server.train()

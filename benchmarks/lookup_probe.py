@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from qtllava.data.templates import template_name
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset, collate, image_token_id
 from qtllava.data.questions import LETTERS, MC_INSTRUCTION, lettered_prompt
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, recs in parts:
             f = Path(tmp) / f"{name}.json"
             f.write_text(json.dumps(recs), encoding="utf-8")
-            ds = LlavaDataset.for_config(cfg, f, root / "images", tok, cfg.data.template)
+            ds = LlavaDataset.for_config(cfg, f, root / "images", tok, template_name(cfg))
             sets.append(collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id))
     train, held = sets[:2]
     recall_held = sets[2] if args.recall else None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qtllava.data.templates import template_name
 from qtllava.config import load_config
 from qtllava.data import IGNORE_INDEX, LlavaDataset
 from qtllava.train.loop import STAGES, load_tokenizer_for, micro_batch_indices
@@ -52,9 +53,9 @@ def record_turns(ds: LlavaDataset, records: list[dict], i: int) -> list[tuple[st
 def stage_turns(cfg, stage: str) -> list[list[tuple[str, int]]]:
     """(kind, trained tokens) of every turn of every sample of the stage's data, indexed as the stage samples."""
     root = Path(cfg.data.root)
-    rec = recipe(stage)
+    rec = recipe(cfg, stage)
     tok = load_tokenizer_for(cfg, root)
-    template = cfg.data.template if rec.template == "chat" else "pretrain"
+    template = template_name(cfg) if rec.template == "chat" else "pretrain"
     turns = []  # per dataset, per record: [(kind, n)]
     for name in rec.data:
         ds = LlavaDataset.for_config(cfg, root / name, root / "images", tok, template)

@@ -314,7 +314,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     from qtllava.config import load_config
-    from qtllava.data import make_data
+    from qtllava.data import prepare_data
 
     cfg = load_config(args.config)
     out = Path(args.out)
@@ -322,7 +322,7 @@ def main() -> int:
     done_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.report_only:
-        data_root = make_data(cfg.data, cfg.vision.image_size, root=Path(args.data or cfg.data.root))
+        data_root = prepare_data(cfg, root=Path(args.data or cfg.data.root))
         base = None
         for name in args.configs:
             if (done_dir / f"{name}.pt").exists():

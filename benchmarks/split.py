@@ -66,7 +66,7 @@ NETNS = "qtllava-bench"
 def loopback_ratio(preset: str, stage: str, steps: int, warmup: int, threads: int, work: Path) -> dict:
     """Paired steps: the same micro-batches through an in-process server and through a server process over gRPC,
     alternating which goes first, so that load from other processes on the machine hits both alike."""
-    from qtllava.data import make_data
+    from qtllava.data import prepare_data
     from qtllava.train.client_runtime import ClientRuntime
     from qtllava.train.loop import stage_batches, stage_parts
     from qtllava.train.procs import spawn_server
@@ -76,7 +76,7 @@ def loopback_ratio(preset: str, stage: str, steps: int, warmup: int, threads: in
 
     overrides = [f"train.{stage}.steps={steps}", f"train.threads={threads}", "train.checkpoint_every=0"]
     cfg = load_config(preset, overrides)
-    data = make_data(cfg.data, cfg.vision.image_size, root=ROOT / cfg.data.root)
+    data = prepare_data(cfg, root=ROOT / cfg.data.root)
     args = ["--config", preset, *[a for o in overrides for a in ("-o", o)], "--data", str(data)]
     server, port = spawn_server(["--stage", stage, *args, "--out", str(work / "server")], work / "port",
                                 work / "server.log")

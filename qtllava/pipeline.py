@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from qtllava.config import Config, to_dict
-from qtllava.data import make_data
+from qtllava.data import prepare_data
 from qtllava.train.loop import STAGES, run_stage
 
 __all__ = ["run_pipeline", "run_split_pipeline", "run_demo", "format_traffic"]
@@ -50,7 +50,7 @@ def run_pipeline(cfg: Config, out: Path, data_root: Path | None = None, resume: 
     if base and warm_start:
         raise ValueError("run_pipeline: `base` skips stage 0, so a stage-0 `warm_start` would be ignored")
     out.mkdir(parents=True, exist_ok=True)
-    root = make_data(cfg.data, cfg.vision.image_size, root=data_root or Path(cfg.data.root))
+    root = prepare_data(cfg, root=data_root or Path(cfg.data.root))
     runs: dict[str, dict] = {}
     summary_path = out / "pipeline.json"
     if resume and summary_path.exists():
@@ -98,7 +98,7 @@ def run_split_pipeline(cfg: Config, out: Path, data_root: Path | None = None, re
     from qtllava.train.procs import spawn, spawn_server
 
     out.mkdir(parents=True, exist_ok=True)
-    root = make_data(cfg.data, cfg.vision.image_size, root=data_root or Path(cfg.data.root))
+    root = prepare_data(cfg, root=data_root or Path(cfg.data.root))
     summary_path = out / "pipeline.json"
     runs: dict[str, dict] = {}
     if resume and summary_path.exists():

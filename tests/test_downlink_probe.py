@@ -21,7 +21,7 @@ def test_probe_tells_lossless_from_coarse_and_merging_keeps_the_embedding_gradie
     results = {}
     for merge in (False, True):
         scfg, tok, client, server = stage_parts(cfg, "stage1", root, final)
-        apply_trainable(client, recipe("stage2").client_trainable)
+        apply_trainable(client, recipe(cfg, "stage2").client_trainable)
         server.requires_grad_(False)
         batches = stage_batches(scfg, "stage2", root, tok)
         results[merge] = downlink_probe.probe(client, server, batches, 2, ["fp32", "int8-ans", "int2-ans"], False, 0,

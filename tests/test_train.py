@@ -158,11 +158,28 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_recipes_freeze_what_the_paper_freezes():
-    assert "vision_tower" not in recipe("stage1").client_trainable + recipe("stage2").client_trainable
-    assert "llm" not in recipe("stage1").server_trainable and "llm" in recipe("stage2").server_trainable
-    assert "connector" in recipe("stage1").fresh
+    cfg = load_config("micro")
+    assert "vision_tower" not in recipe(cfg, "stage1").client_trainable + recipe(cfg, "stage2").client_trainable
+    assert "llm" not in recipe(cfg, "stage1").server_trainable and "llm" in recipe(cfg, "stage2").server_trainable
+    assert "connector" in recipe(cfg, "stage1").fresh
     with pytest.raises(KeyError, match="unknown stage"):
-        recipe("stage9")
+        recipe(cfg, "stage9")
+
+
+def test_pretrained_recipe_freezes_the_llm_until_stage_2_and_the_tuning_is_a_setting():
+    cfg = load_config("micro", ['llm.pretrained="some/folder"'])
+    s0, s1, s2 = (recipe(cfg, s) for s in ("stage0", "stage1", "stage2"))
+    assert {"vision_tower", "connector"} <= set(s0.client_trainable) and s0.llm == "frozen"
+    assert "llm" not in s0.server_trainable + s1.server_trainable and "embed_tokens" not in s2.client_trainable
+    assert "connector" in s1.fresh and s2.llm == "full" and "llm" in s2.server_trainable
+    cfg.train.stage2.llm = "lora"
+    assert recipe(cfg, "stage2").llm == "lora" and "llm" not in recipe(cfg, "stage2").server_trainable
+    cfg.train.stage2.llm = "half"
+    with pytest.raises(ValueError, match="train.stage2.llm"):
+        recipe(cfg, "stage2")
+    cfg.train.recipe = "scratch"
+    cfg.train.stage2.llm = ""
+    assert "embed_tokens" in recipe(cfg, "stage2").client_trainable
 
 
 def test_pipeline_evaluates_with_baselines(data_root, tmp_path):

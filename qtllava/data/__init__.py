@@ -2,7 +2,7 @@
 LLaVA-JSON datasets and batching. File formats: docs/formats.md."""
 
 from .errors import DataError
-from .generator import GENERATOR_VERSION, SUITE_METRICS, SUITES, make_data, read_manifest, suite_size
+from .generator import GENERATOR_VERSION, SUITE_METRICS, SUITES, make_data, prepare_data, read_manifest, suite_size
 from .llava_json import REASONS, EvalQuestions, LlavaDataset, collate, load_answers, load_image, load_meta, \
     load_questions
 from .templates import IGNORE_INDEX, TEMPLATES, Template, expand_image_tokens, get_template, register_template
@@ -14,6 +14,7 @@ __all__ = [
     "SUITES",
     "SUITE_METRICS",
     "make_data",
+    "prepare_data",
     "read_manifest",
     "suite_size",
     "REASONS",

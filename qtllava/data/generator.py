@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import questions as Q
 from .templates import get_template
-from .tokenizer import SPECIAL_TOKENS, train_tokenizer
+from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from .world import Layout, Scene, sample_glyph, sample_shape, sample_soc, render
 
 __all__ = ["GENERATOR_VERSION", "SUITES", "SUITE_METRICS", "make_data", "read_manifest", "suite_size", "TEXT_BUDGET",
@@ -290,7 +290,7 @@ def _lookup_records(rng: np.random.Generator, n: int, max_options: int, tok: Any
                     max_length: int, prefix: str) -> list[dict[str, Any]]:
     """`n` text-only records of `_LOOKUP_TURNS` option look-up turns each (questions.lookup_question), fewer where
     they would pass `max_length` tokens; ids `<prefix>-000000`, ..."""
-    tmpl = get_template(template)
+    tmpl = get_template(template, tok)
     out = []
     for i in range(n):
         conv: list[dict[str, str]] = []
@@ -424,18 +424,28 @@ def _training_texts(*corpora: list[dict[str, Any]], template: str = "qwen2"):
 
 def _fit_budget(records: list[dict[str, Any]], tok: Any, template: str = "qwen2") -> None:
     """Drop trailing turns (never the first) of conversations longer than TEXT_BUDGET text tokens."""
-    tmpl = get_template(template)
+    tmpl = get_template(template, tok)
     for r in records:
         conv = r["conversations"]
         while len(conv) > 2 and len(tmpl.encode(conv, tok, num_image_tokens=1)[0]) > TEXT_BUDGET:
             del conv[-2:]
 
 
-def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: bool = False) -> Path:
+def prepare_data(cfg: Any, root: str | Path | None = None, force: bool = False) -> Path:
+    """`make_data` for a whole qtllava Config: its data settings and image size, and, with a pretrained LLM, that
+    LLM's tokenizer (the data is then cut to its token counts and cached per tokenizer)."""
+    return make_data(cfg.data, cfg.vision.image_size, root=root, force=force,
+                     tokenizer=cfg.llm.pretrained or None)
+
+
+def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: bool = False,
+              tokenizer: str | Path | None = None) -> Path:
     """Generate (or find cached) data for a DataConfig at `image_size` px under `root` (default `cfg.root`).
 
-    Returns the root. A matching `manifest.json` (generator version, sizes, seed, image size, file hashes) makes
-    this return at once; anything else (or `force`) regenerates from scratch."""
+    `tokenizer`: a folder with the tokenizer the data is for (a pretrained LLM's); None trains one on the corpus and
+    stores it under `root/tokenizer`. Returns the root. A matching `manifest.json` (generator version, sizes, seed,
+    image size, tokenizer, file hashes) makes this return at once; anything else (or `force`) regenerates from
+    scratch."""
     root = Path(root if root is not None else cfg.root)
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
@@ -446,6 +456,10 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
     if cfg.lookup_records < 0:
         raise ValueError(f"data.lookup_records must be >= 0, got {cfg.lookup_records}")
     settings = _gen_settings(cfg, image_size)
+    tok = None
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        settings["tokenizer"] = _sha256(Path(tokenizer) / "tokenizer.json")
     if not force and _cache_valid(root, settings):
         log.info("data in %s is up to date (manifest matches)", root)
         return root
@@ -465,8 +479,9 @@ def make_data(cfg: Any, image_size: int, root: str | Path | None = None, force: 
         metas = {s: _make_suite(ctx, s, cfg.n_per_suite) for s in SUITES}
         images_sha = ctx.finish()
     _dump_jsonl(root / "scenes.jsonl", ctx.scenes)
-    tok = train_tokenizer(_training_texts(captions, train, template=cfg.template), cfg.vocab_size,
-                          root / "tokenizer")
+    if tok is None:
+        tok = train_tokenizer(_training_texts(captions, train, template=cfg.template), cfg.vocab_size,
+                              root / "tokenizer")
     _fit_budget(train + val, tok, cfg.template)
     # after the tokenizer, which they would otherwise change: a base trained without them can be continued with them
     n_lookup, n_lookup_val = int(cfg.lookup_records), round(cfg.lookup_records * cfg.n_val / max(cfg.n_instruct, 1))

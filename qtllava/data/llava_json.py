@@ -92,7 +92,7 @@ class _Base(Dataset):
         self.path = Path(path)
         self.image_folder = Path(image_folder)
         self.tokenizer = tokenizer
-        self.template = get_template(template)
+        self.template = get_template(template, tokenizer)
         self.image_size = int(image_size)
         self.num_image_tokens = int(num_image_tokens)
         self.max_length = max_length

@@ -32,8 +32,11 @@ __all__ = [
     "IGNORE_INDEX",
     "Template",
     "TEMPLATES",
+    "FROM_TOKENIZER",
     "register_template",
     "get_template",
+    "template_from_tokenizer",
+    "template_name",
     "expand_image_tokens",
 ]
 
@@ -159,14 +162,100 @@ def register_template(t: Template) -> Template:
     return t
 
 
-def get_template(name: str | Template) -> Template:
-    """The template registered under exactly `name` (a Template passes through); unknown names raise KeyError."""
+# template names resolved from the tokenizer's own chat template (a pretrained LLM's folder carries one): without
+# and with the system prompt that template puts in front of a conversation that has none
+FROM_TOKENIZER = ("auto", "auto-system")
+
+
+def template_name(cfg: Any) -> str:
+    """The chat template a qtllava Config selects: the tokenizer's own (from `llm.pretrained`'s folder) whenever a
+    pretrained LLM is set or `data.template` is "auto", else `data.template`."""
+    if cfg.llm.pretrained or cfg.data.template in FROM_TOKENIZER:
+        return FROM_TOKENIZER[1] if cfg.data.system_prompt else FROM_TOKENIZER[0]
+    return cfg.data.template
+
+
+def get_template(name: str | Template, tok: PreTrainedTokenizerBase | None = None) -> Template:
+    """The template registered under exactly `name` (a Template passes through); "auto" / "auto-system" derive it
+    from `tok`'s chat template. Unknown names raise KeyError."""
     if isinstance(name, Template):
         return name
+    if name in FROM_TOKENIZER:
+        if tok is None:
+            raise ValueError(f"chat template {name!r} is read from a tokenizer; none was given")
+        return template_from_tokenizer(tok, system_prompt=name == FROM_TOKENIZER[1])
     try:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+
+
+_S, _U, _U2, _A = "\x02SYSTEM\x03", "\x02USER\x03", "\x02USER2\x03", "\x02ANSWER\x03"
+
+
+def template_from_tokenizer(tok: PreTrainedTokenizerBase, system_prompt: bool = False) -> Template:
+    """The slots of `tok`'s Jinja chat template, read off by rendering conversations of marker strings.
+
+    The assistant slot ends after the first end-of-turn token that follows the answer (trained); what comes after
+    it is the separator. `system_prompt`: keep the system text the template inserts when a conversation has none
+    (SmolLM2's: 20 tokens); off by default to keep sequences short. Raises ValueError when the tokenizer has no chat
+    template or the template does not render as a sequence of turns."""
+    chat = getattr(tok, "chat_template", None)
+    if not isinstance(chat, str) or not chat:
+        raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no chat template")
+    return _slots(chat, tok.eos_token or "", system_prompt, tok)
+
+
+def _slots(chat: str, eos: str, system_prompt: bool, tok: PreTrainedTokenizerBase) -> Template:
+    key = (chat, eos, system_prompt)
+    if key in _SLOT_CACHE:
+        return _SLOT_CACHE[key]
+
+    def render(msgs: list[tuple[str, str]], gen: bool = False) -> str:
+        return tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs], tokenize=False,
+                                       add_generation_prompt=gen)
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"chat template of {getattr(tok, 'name_or_path', '')!r} cannot be read as turns: {why}")
+
+    with_sys = render([("system", _S), ("user", _U)])
+    prompt = render([("system", _S), ("user", _U)], gen=True)
+    answered = render([("system", _S), ("user", _U), ("assistant", _A)])
+    two = render([("system", _S), ("user", _U), ("assistant", _A), ("user", _U2)])
+    if not (prompt.startswith(with_sys) and answered.startswith(with_sys) and two.startswith(answered)):
+        raise fail("a longer conversation does not extend a shorter one")
+    assistant_prefix = prompt[len(with_sys):]
+    turn = answered[len(with_sys):]
+    if not turn.startswith(assistant_prefix) or _A not in turn:
+        raise fail("the assistant turn does not start with the generation prompt")
+    after = turn[turn.index(_A) + len(_A):]
+    end = after.index(eos) + len(eos) if eos and eos in after else len(after)
+    assistant, separator = turn[len(assistant_prefix):turn.index(_A)] + "{content}" + after[:end], after[end:]
+    user_block = two[len(answered):]
+    if _U2 not in user_block:
+        raise fail("no user turn found")
+    user = user_block.replace(_U2, "{content}")
+    filled = user.replace("{content}", _U)
+    if not with_sys.endswith(filled) or _S not in with_sys:
+        raise fail("the system turn is not followed by the user turn")
+    system = with_sys[:-len(filled)].replace(_S, "{system}")
+    alone = render([("user", _U)])
+    default = ""
+    if alone != filled:  # the template inserts a system turn of its own
+        head, tail = system.split("{system}")
+        inserted = alone[:-len(filled)]
+        if not (inserted.startswith(head) and inserted.endswith(tail)):
+            raise fail("its default system turn does not fit its system slot")
+        default = inserted[len(head):len(inserted) - len(tail)]
+    stops = ("{eos}",)
+    t = Template(name="auto-system" if system_prompt else "auto", user=user, assistant_prefix=assistant_prefix,
+                 assistant=assistant, separator=separator, system=system,
+                 system_prompt=default if system_prompt else "", stop=stops)
+    _SLOT_CACHE[key] = t
+    return t
+
+
+_SLOT_CACHE: dict[tuple, Template] = {}
 
 
 # LLaVA "plain" / TinyLLaVA "pretrain": image tokens, then the caption and eos; only the caption is trained.

@@ -29,6 +29,7 @@ __all__ = [
     "train_tokenizer",
     "load_tokenizer",
     "resolve_tokenizer",
+    "tokenizer_folder",
     "image_token_id",
 ]
 
@@ -126,9 +127,22 @@ def _is_ours(path: Path) -> bool:
     return all(s in text for s in SPECIAL_TOKENS)
 
 
+def tokenizer_folder(cfg: object, root: str | Path | None = None) -> Path:
+    """The tokenizer folder a qtllava Config (or a bare DataConfig) selects: `llm.pretrained` (a pretrained LLM
+    brings its own), else `data.tokenizer`, else `<root or data.root>/tokenizer` (the one trained with the generated
+    data). Raises ValueError when `data.tokenizer` names another folder than `llm.pretrained`."""
+    data = getattr(cfg, "data", cfg)
+    pretrained, named = getattr(getattr(cfg, "llm", None), "pretrained", ""), data.tokenizer
+    if pretrained:
+        if named and Path(named).resolve() != Path(pretrained).resolve():
+            raise ValueError(f"data.tokenizer ({named!r}) differs from llm.pretrained ({pretrained!r}): a pretrained "
+                             "LLM's tokenizer comes from its own folder; leave data.tokenizer empty")
+        return Path(pretrained)
+    if named:
+        return Path(named)
+    return Path(root if root is not None else data.root) / "tokenizer"
+
+
 def resolve_tokenizer(cfg: object, root: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer a DataConfig selects: `cfg.tokenizer` if set, else `<root or cfg.root>/tokenizer`."""
-    folder = getattr(cfg, "tokenizer", "") or ""
-    if folder:
-        return load_tokenizer(folder)
-    return load_tokenizer(Path(root if root is not None else getattr(cfg, "root")) / "tokenizer")
+    """The tokenizer a qtllava Config selects (see `tokenizer_folder`), loaded without network access."""
+    return load_tokenizer(tokenizer_folder(cfg, root))

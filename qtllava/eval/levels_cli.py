@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import zstandard
 
+from qtllava.data.templates import template_name
 from qtllava.compress.base import nbytes
 from qtllava.compress.fsq import FsqEncoder
 from qtllava.compress.levels import recommend_levels as recommend  # the library's rule, on the packets sent
@@ -136,7 +137,7 @@ def checkpoint_rows(checkpoint: str | Path, data_root: str | Path | None = None,
     if image_token_id(tok) != part.image_token_id:
         raise ValueError(f"{checkpoint}: image token id {part.image_token_id} differs from the tokenizer's "
                          f"({image_token_id(tok)}) in {root}; wrong data root?")
-    ds = LlavaDataset.for_config(pcfg, path, root / "images", tok, pcfg.data.template, skip_bad=True)
+    ds = LlavaDataset.for_config(pcfg, path, root / "images", tok, template_name(pcfg), skip_bad=True)
     bs = int(batch_size or cfg.train.stage2.batch_size)
     if batches < 1 or bs < 1:
         raise ValueError(f"need at least one batch of at least one sample (batches={batches}, batch_size={bs})")

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from qtllava.data.templates import template_name
 from qtllava.config import Config
 from qtllava.data import EvalQuestions, collate, image_token_id
 from qtllava.data.generator import SUITES
@@ -39,7 +40,7 @@ def _question_sets(cfg: Config, data_root: Path, tok, files: Sequence[Path], ima
     """question_id -> (dataset, index) over the given question files (ids must be unique across them)."""
     where: dict[str, tuple[EvalQuestions, int]] = {}
     for f in files:
-        ds = EvalQuestions.load(f, image_folder, tok, template=cfg.data.template, image_size=cfg.vision.image_size,
+        ds = EvalQuestions.load(f, image_folder, tok, template=template_name(cfg), image_size=cfg.vision.image_size,
                                 num_image_tokens=cfg.vision.num_image_tokens, image_mean=cfg.vision.image_mean,
                                 image_std=cfg.vision.image_std, skip_bad=cfg.data.skip_bad)
         for i, qid in enumerate(ds.ids):

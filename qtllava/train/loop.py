@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import Config, to_toml
-from qtllava.data import LlavaDataset, collate, image_token_id, load_tokenizer
-from qtllava.model.parts import WEIGHTS_NAME, ClientPart, ServerPart, build_parts
+from qtllava.data import LlavaDataset, collate, image_token_id, resolve_tokenizer
+from qtllava.data.templates import template_name
+from qtllava.model.parts import CONFIG_NAME, WEIGHTS_NAME, ClientPart, ServerPart, build_parts
 from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
@@ -49,7 +50,8 @@ def stage_config(cfg: Config, stage: str) -> Config:
 
 
 def load_tokenizer_for(cfg: Config, data_root: Path):
-    return load_tokenizer(cfg.data.tokenizer or data_root / "tokenizer")
+    """The tokenizer of a run (`qtllava.data.resolve_tokenizer`: llm.pretrained's, data.tokenizer or the data's)."""
+    return resolve_tokenizer(cfg, data_root)
 
 
 def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str, ...]) -> None:
@@ -57,7 +59,8 @@ def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str
 
     Raises when a parameter that should carry over is missing from the folder.
     """
-    saved = cls.from_pretrained(folder).state_dict()
+    saved_part = cls.from_pretrained(folder)
+    saved = saved_part.state_dict()
     own = part.state_dict()
     keep = {k: v for k, v in saved.items() if k in own and not k.split(".")[0] in fresh}
     missing = [k for k in own if k not in keep and k.split(".")[0] not in fresh
@@ -67,6 +70,8 @@ def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str
     # Codec weights carry over only where the shapes agree (same codec configuration).
     keep = {k: v for k, v in keep.items() if own[k].shape == v.shape}
     part.load_state_dict(keep, strict=False)
+    # what the saved part held unchanged from a pretrained folder (a part trained in full holds its own weights)
+    part.base_weights = {k: v for k, v in getattr(part, "base_weights", {}).items() if k in saved_part.base_weights}
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -153,6 +158,8 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
             fit_text_decoder(client, server, init / "client")
         if fit_image:
             fit_image_decoder(client, server, stage_batches(cfg, stage, data_root, tok))
+    if recipe(cfg, stage).llm == "lora":  # in every process, so that the adapters draw the same random numbers
+        server.enable_lora(cfg.llm.lora)
     return scfg, tok, client, server
 
 
@@ -206,14 +213,20 @@ def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_r
     """
     if not isinstance(client.text_codec, FsqEncoder) or not isinstance(server.text_codec, FsqDecoder):
         return None
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: a fresh fsq text codec is fitted on the pretrained token-embedding table, "
-                                "which this file should hold (the client half of the stage's init checkpoint)")
-    with safe_open(str(path), framework="pt") as f:
-        if "embed_tokens.weight" not in f.keys():
-            raise ValueError(f"{path}: no embed_tokens.weight to fit the text decoder on")
-        table = f.get_tensor("embed_tokens.weight")
+    meta = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
+    if "embed_tokens" in meta.get("base_weights", {}) and "embed_tokens" in client.base_weights:
+        # kept by reference to the pretrained folder, from which every process built this same table
+        table = client.embed_tokens.weight.detach()
+    else:
+        path = folder / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: a fresh fsq text codec is fitted on the pretrained token-embedding "
+                                    "table, which this file should hold (the client half of the stage's init "
+                                    "checkpoint)")
+        with safe_open(str(path), framework="pt") as f:
+            if "embed_tokens.weight" not in f.keys():
+                raise ValueError(f"{path}: no embed_tokens.weight to fit the text decoder on")
+            table = f.get_tensor("embed_tokens.weight")
     rows = table[:: max(1, -(-table.shape[0] // max_rows))]  # a strided subset of very large vocabularies
     device = client.text_codec.proj.weight.device
     return fit_decoder(client.text_codec, server.text_codec, rows.to(device=device, dtype=torch.float32))
@@ -255,9 +268,9 @@ def stage_batches(cfg: Config, stage: str, data_root: Path, tok, shard: tuple[in
     """The stage's data as a function of the step: step -> its micro-batches (a pure function of seed and step).
 
     `shard=(i, n)`: every n-th sample starting at i (each of several clients trains on its own part)."""
-    rec = recipe(stage)
+    rec = recipe(cfg, stage)
     st = getattr(cfg.train, stage)
-    template = cfg.data.template if rec.template == "chat" else "pretrain"
+    template = template_name(cfg) if rec.template == "chat" else "pretrain"
     datasets = [LlavaDataset.for_config(cfg, data_root / name, data_root / "images", tok, template,
                                         skip_bad=cfg.data.skip_bad) for name in rec.data]
     index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]

@@ -1,54 +1,95 @@
 """Training recipes: for each stage, what is trained, what starts fresh, which data and which codecs are used.
 
-Stage 0 (base) trains tower + connector + LLM from scratch without compression: it stands in for the pretrained
-SigLIP and LLM weights that cannot be downloaded here. Stages 1 and 2 follow the paper from that base.
+Two families, as TinyLLaVA Factory's recipes:
+- "scratch": stage 0 (base) trains tower + connector + LLM from random weights without compression; it stands in
+  for pretrained SigLIP and LLM weights. Stages 1 and 2 follow the paper from that base.
+- "pretrained" (a pretrained LLM in `llm.pretrained`): stage 0 pre-trains the tower + connector on captions and
+  instruction turns in front of the frozen LLM (standing in for a pretrained SigLIP, which cannot be had offline);
+  stage 1 aligns (fresh connector and codecs; tower and LLM frozen); stage 2 instructs (LLM, connector and codecs;
+  the tower and the token embeddings frozen).
+How the LLM is tuned is a setting per stage (`StageConfig.llm`: "full", "lora" or "frozen"); the recipe gives the
+default.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from qtllava.config import CodecConfig, CompressConfig, Config, StageConfig
 
-__all__ = ["Recipe", "RECIPES", "recipe", "stage_compress", "stage_fresh", "image_fit_due", "apply_trainable", "lr_at",
-           "set_seed", "make_optimizer", "codec_parameters", "set_lr"]
+__all__ = ["Recipe", "RECIPES", "LLM_TUNING", "recipe", "recipe_family", "stage_compress", "stage_fresh",
+           "image_fit_due", "apply_trainable", "lr_at", "set_seed", "make_optimizer", "codec_parameters", "set_lr"]
+
+LLM_TUNING = ("full", "lora", "frozen")
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     client_trainable: tuple[str, ...]  # ClientPart submodule names whose parameters train
-    server_trainable: tuple[str, ...]  # ServerPart submodule names whose parameters train
+    server_trainable: tuple[str, ...]  # ServerPart submodule names whose parameters train ("llm" only when full)
     fresh: tuple[str, ...]  # submodules (either part) re-initialised at the start of the stage
     data: tuple[str, ...]  # data files (under the data root) mixed for this stage
     compressed: bool  # False: fp32 passthrough both ways, whatever the configuration says
     template: str  # "pretrain" for captions; "chat" = the configured chat template
+    llm: str = "frozen"  # how the server's LLM is tuned: "full", "lora" (peft adapters) or "frozen"
 
 
 CODECS = ("image_codec", "text_codec")
 
-RECIPES: dict[str, Recipe] = {
-    "stage0": Recipe("stage0", ("vision_tower", "connector", "embed_tokens") + CODECS, ("llm",) + CODECS, (),
-                     ("captions.json", "instruct_train.json"), compressed=False, template="chat"),
-    "stage1": Recipe("stage1", ("connector",) + CODECS, CODECS, ("connector",) + CODECS,
-                     ("captions.json",), compressed=True, template="pretrain"),
-    "stage2": Recipe("stage2", ("connector", "embed_tokens") + CODECS, ("llm",) + CODECS, (),
-                     ("instruct_train.json",), compressed=True, template="chat"),
+RECIPES: dict[str, dict[str, Recipe]] = {
+    "scratch": {
+        "stage0": Recipe("stage0", ("vision_tower", "connector", "embed_tokens") + CODECS, CODECS, (),
+                         ("captions.json", "instruct_train.json"), compressed=False, template="chat", llm="full"),
+        "stage1": Recipe("stage1", ("connector",) + CODECS, CODECS, ("connector",) + CODECS,
+                         ("captions.json",), compressed=True, template="pretrain", llm="frozen"),
+        "stage2": Recipe("stage2", ("connector", "embed_tokens") + CODECS, CODECS, (),
+                         ("instruct_train.json",), compressed=True, template="chat", llm="full"),
+    },
+    "pretrained": {
+        "stage0": Recipe("stage0", ("vision_tower", "connector") + CODECS, CODECS, (),
+                         ("captions.json", "instruct_train.json"), compressed=False, template="chat", llm="frozen"),
+        "stage1": Recipe("stage1", ("connector",) + CODECS, CODECS, ("connector",) + CODECS,
+                         ("captions.json",), compressed=True, template="pretrain", llm="frozen"),
+        "stage2": Recipe("stage2", ("connector",) + CODECS, CODECS, (),
+                         ("instruct_train.json",), compressed=True, template="chat", llm="full"),
+    },
 }
+STAGE_NAMES = tuple(RECIPES["scratch"])
 
 
-def recipe(stage: str) -> Recipe:
-    if stage not in RECIPES:
-        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(RECIPES)}")
-    return RECIPES[stage]
+def recipe_family(cfg: Config) -> str:
+    """"scratch" or "pretrained": `train.recipe`, where "auto" means "pretrained" exactly when llm.pretrained is set."""
+    family = cfg.train.recipe
+    if family == "auto":
+        return "pretrained" if cfg.llm.pretrained else "scratch"
+    if family not in RECIPES:
+        raise ValueError(f"train.recipe: unknown recipe {family!r}; known: auto, {', '.join(RECIPES)}")
+    return family
+
+
+def recipe(cfg: Config, stage: str) -> Recipe:
+    """The recipe of `stage` under `cfg`: its family's, with the stage's `llm` tuning applied (full adds "llm" to
+    the server's trainable submodules)."""
+    family = RECIPES[recipe_family(cfg)]
+    if stage not in family:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(family)}")
+    rec = family[stage]
+    tuning = getattr(cfg.train, stage).llm or rec.llm
+    if tuning not in LLM_TUNING:
+        raise ValueError(f"train.{stage}.llm: unknown LLM tuning {tuning!r}; known: {', '.join(LLM_TUNING)}")
+    server = rec.server_trainable + (("llm",) if tuning == "full" else ())
+    return replace(rec, llm=tuning, server_trainable=server)
 
 
 def _stage_index(stage: str) -> int:
-    return list(RECIPES).index(recipe(stage).name)
+    if stage not in STAGE_NAMES:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_NAMES)}")
+    return STAGE_NAMES.index(stage)
 
 
 def _first_compressed(cfg: Config) -> int:
@@ -62,7 +103,7 @@ def _first_compressed(cfg: Config) -> int:
 def stage_compress(cfg: Config, stage: str) -> CompressConfig:
     """The codecs used in `stage`: the configured ones; fp32 passthrough for the uncompressed base stage; fp16 both
     ways for a compressed stage before `compress.first_stage`."""
-    if not recipe(stage).compressed:
+    if not recipe(cfg, stage).compressed:
         return _passthrough("fp32")
     return cfg.compress if _stage_index(stage) >= _first_compressed(cfg) else _passthrough("fp16")
 
@@ -76,8 +117,9 @@ def _passthrough(dtype: str) -> CompressConfig:
 def stage_fresh(cfg: Config, stage: str) -> tuple[str, ...]:
     """Submodules re-initialised at the start of `stage`: the recipe's, plus both codecs at `compress.first_stage`
     (they were identity passthrough before it)."""
-    fresh = recipe(stage).fresh
-    if recipe(stage).compressed and _stage_index(stage) == _first_compressed(cfg):
+    rec = recipe(cfg, stage)
+    fresh = rec.fresh
+    if rec.compressed and _stage_index(stage) == _first_compressed(cfg):
         fresh += tuple(c for c in CODECS if c not in fresh)
     return fresh
 
@@ -90,16 +132,27 @@ def image_fit_due(cfg: Config, stage: str) -> bool:
     return "image_codec" in fresh and "connector" not in fresh
 
 
-def apply_trainable(part: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
-    """Freeze every parameter of `part`, unfreeze the named submodules; return the trainable parameters."""
+def apply_trainable(part: nn.Module, names: tuple[str, ...], lora: bool = False) -> list[nn.Parameter]:
+    """Freeze every parameter of `part`, unfreeze the named submodules (and, with `lora`, the part's LoRA adapters);
+    return the trainable parameters. A trained submodule no longer holds its pretrained weights unchanged, so it
+    leaves the part's `base_weights` (it is then saved in full)."""
     part.requires_grad_(False)
     params: list[nn.Parameter] = []
+    base = getattr(part, "base_weights", {})
     for name in names:
         module = getattr(part, name, None)
         if module is None:
             continue
         module.requires_grad_(True)
-        params += [p for p in module.parameters()]
+        base.pop(name, None)
+        params += list(module.parameters())
+    if lora:
+        adapters = part.lora_parameters()
+        if not adapters:
+            raise ValueError("the stage tunes the LLM through LoRA, but the server part has no adapters")
+        for p in adapters:
+            p.requires_grad_(True)
+        params += adapters
     return params
 
 

@@ -133,9 +133,9 @@ class ServerRuntime:
         self.optimizer = None
         self.stage_cfg = None
         if stage is not None:
-            rec = recipe(stage)
+            rec = recipe(cfg, stage)
             self.stage_cfg = getattr(cfg.train, stage)
-            params = apply_trainable(part, rec.server_trainable)
+            params = apply_trainable(part, rec.server_trainable, lora=rec.llm == "lora")
             if self.cut == "u":  # the client trains the LM head; the server's copy stays as it is
                 head = part.llm.get_output_embeddings()
                 head.requires_grad_(False)
@@ -370,7 +370,7 @@ class ServerRuntime:
     def _downlink(self, modality: str = "") -> str:
         """The gradient codec of `modality`'s rows ("text": `downlink_text` where set); "" = the U cut's hidden
         states."""
-        if not (self.stage is None or recipe(self.stage).compressed):
+        if not (self.stage is None or recipe(self.cfg, self.stage).compressed):
             return "fp32"
         c = self.cfg.compress
         return c.downlink_text or c.downlink if modality == "text" else c.downlink
