@@ -3,7 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PRESET ?= tiny
+PRESET ?= smol
+# the demo runs a preset's short schedule where it has one (configs/<preset>-demo.toml), else the preset itself
+DEMO_CONFIG = $(if $(wildcard configs/$(PRESET)-demo.toml),configs/$(PRESET)-demo.toml,$(PRESET))
 
 .PHONY: demo test venv bench bench-baseline bench-study bench-codec bench-split bench-privacy clean proto
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qtllava demo --config $(PRESET) --out runs/demo-$(PRESET)
+	$(BIN)/qtllava demo --config $(DEMO_CONFIG) --out runs/demo-$(PRESET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -26,9 +28,10 @@ test: $(STAMP)
 # the study's checkpoints). Hours on 2 cores: run in the background, each step is resumable.
 bench: bench-baseline bench-study bench-codec bench-split bench-privacy
 
+# The 16-bit baseline of a preset (PRESET=smol by default; PRESET=tiny for the from-scratch one). Hours; resumable.
 bench-baseline: $(STAMP)
 	mkdir -p runs results
-	$(BIN)/python benchmarks/baseline.py 2>&1 | tee runs/bench-baseline.log
+	$(BIN)/python benchmarks/baseline.py --config $(PRESET) 2>&1 | tee -a runs/bench-baseline-$(PRESET).log
 
 # Rate-accuracy study (issue 6): ~20 runs from one stage-0 base; resumable.
 bench-study: $(STAMP)

@@ -231,10 +231,10 @@ class _EchoHandler:
     def __init__(self, replies: dict[int, pb.StepReply]):
         self.replies = replies
 
-    def handshake(self, req):
+    def handshake(self, req, peer: str = ""):
         return pb.HelloReply(protocol_version=1, session_id="0" * 32)
 
-    def step(self, req):
+    def step(self, req, peer: str = ""):
         return self.replies[req.step_id]
 
 

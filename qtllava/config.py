@@ -191,7 +191,7 @@ class DataConfig:
     # llm.pretrained set, the template always comes from that folder (qtllava.data.templates.template_name)
     template: str = "qwen2"
     # with a template from a tokenizer: the system prompt its chat template puts in front when a conversation has
-    # none (SmolLM2's is 20 tokens); False leaves it out to keep sequences short
+    # none (SmolLM2's is 21 tokens); False leaves it out to keep sequences short
     system_prompt: bool = False
     skip_bad: bool = False
     # probability that a question turn of an instruction record (any kind: Sort-of-CLEVR, glyph, POPE/MME yes/no) is
@@ -263,6 +263,9 @@ class WireConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     chunk_bytes: int = 1024 * 1024
     token: str = ""
+    # the server refuses, before decoding anything, a step or generation prompt of more positions than this
+    # (batch x sequence length); a sequence longer than the LLM's max_position_embeddings is refused too
+    max_tokens_per_step: int = 65536
 
 
 @dataclass

@@ -113,8 +113,15 @@ def test_malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
         streamed.step(pb.StepRequest(session_id=sid, stage="stage2", micro_count=1, image=b"\0" * (LIMIT + 1000)))
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds" in e.value.details
     # Still serving, and the session was not disturbed by the refusals.
-    reply = _link(port, "bob").handshake(_hello(name="bob", session_id=sid, resume_step=0))
+    reply = _link(port).handshake(_hello(name="alice", session_id=sid, resume_step=0))
     assert reply.next_step == 0 and reply.session_id == sid
+    # A session belongs to the client that opened it; a name is the one its key authenticates.
+    with pytest.raises(RemoteError) as e:
+        _link(port, "bob").handshake(_hello(name="bob", session_id=sid, resume_step=0))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and "another client" in e.value.details
+    with pytest.raises(RemoteError) as e:
+        _link(port, "bob").handshake(_hello(name="alice"))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and "not the authenticated client" in e.value.details
 
 
 def test_two_concurrent_clients_each_with_its_own_session_data_and_metrics(server, data):

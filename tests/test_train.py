@@ -141,6 +141,32 @@ def test_resume_continues_exactly(data_root, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), side
 
 
+def test_lora_resume_is_exact_and_saves_the_adapter_with_peft(data_root, tmp_path):
+    cfg = load_config("micro", ["train.stage2.steps=4", "train.checkpoint_every=3", 'train.stage2.llm="lora"',
+                                "llm.lora.rank=4", "llm.lora.dropout=0.2", 'llm.lora.targets="q_proj,v_proj"'])
+    base = run_stage(cfg, "stage0", data_root, tmp_path / "base", progress=False).final
+    full = run_stage(cfg, "stage2", data_root, tmp_path / "full", init=base, progress=False)
+    run_stage(cfg, "stage2", data_root, tmp_path / "cut", init=base, max_steps=3, progress=False)
+    cut = run_stage(cfg, "stage2", data_root, tmp_path / "cut", init=base, resume=True, progress=False)
+    losses = [_losses(r.out_dir / "metrics.jsonl") for r in (full, cut)]
+    assert len(losses[1]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(r.final / "server" / "adapter" / "adapter_model.safetensors") for r in (full, cut))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in a.items())  # the adapters trained
+    assert all("q_proj" in k or "v_proj" in k for k in a)
+    # the LLM itself did not move: a LoRA stage trains only the adapters (and the codecs)
+    before = load_file(base / "server" / "model.safetensors")
+    after = load_file(full.final / "server" / "model.safetensors")
+    llm = [k for k in before if k.startswith("llm.")]
+    assert llm and all(torch.equal(before[k], after[k]) for k in llm)
+    from qtllava.model.parts import ServerPart
+
+    part = ServerPart.from_pretrained(full.final / "server")
+    assert part.peft_model is not None and part.lora_parameters()
+
+
 def test_sampler_is_a_deterministic_stream_of_epochs():
     a = sample_indices(10, 4, 8, seed=1)
     assert a == sample_indices(10, 4, 8, seed=1)

@@ -22,12 +22,12 @@ class Echo:
     def __init__(self):
         self.steps = 0
 
-    def handshake(self, req):
+    def handshake(self, req, peer=""):
         if req.config_hash == "bad":
             raise SplitError("configuration hash differs from the server's: llm.num_layers: server 2, client 3")
         return pb.HelloReply(protocol_version=1, session_id="s1", next_step=req.resume_step)
 
-    def step(self, req):
+    def step(self, req, peer=""):
         if req.image.startswith(b"boom"):
             raise RuntimeError("unexpected")
         if not req.image:
@@ -35,13 +35,13 @@ class Echo:
         self.steps += 1
         return pb.StepReply(step_id=req.step_id, image_grad=req.image[::-1], text_grad=req.text, loss=0.5)
 
-    def generate(self, req):
+    def generate(self, req, peer=""):
         return pb.GenerateReply(generation_id=req.generation_id, next_ids=b"\0\0\0\0")
 
-    def checkpoint(self, req):
+    def checkpoint(self, req, peer=""):
         return pb.CheckpointReply(step_id=req.step_id)
 
-    def close(self, req):
+    def close(self, req, peer=""):
         return pb.GoodbyeReply(steps_applied=self.steps)
 
 

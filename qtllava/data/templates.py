@@ -198,7 +198,7 @@ def template_from_tokenizer(tok: PreTrainedTokenizerBase, system_prompt: bool = 
 
     The assistant slot ends after the first end-of-turn token that follows the answer (trained); what comes after
     it is the separator. `system_prompt`: keep the system text the template inserts when a conversation has none
-    (SmolLM2's: 20 tokens); off by default to keep sequences short. Raises ValueError when the tokenizer has no chat
+    (SmolLM2's: 21 tokens); off by default to keep sequences short. Raises ValueError when the tokenizer has no chat
     template or the template does not render as a sequence of turns."""
     chat = getattr(tok, "chat_template", None)
     if not isinstance(chat, str) or not chat:

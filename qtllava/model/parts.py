@@ -31,7 +31,7 @@ from qtllava.model.llm import LLM_KINDS, build_llm, folder_fingerprint, llm_from
 from qtllava.model.vision import VisionTower, build_vision_tower, sincos_2d
 
 __all__ = ["ClientOutput", "ServerOutput", "ClientPart", "ServerPart", "NoTokenEmbedding", "build_parts", "Layout",
-           "CONFIG_NAME", "WEIGHTS_NAME", "IGNORE_INDEX"]
+           "saved_weights", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_DIR", "IGNORE_INDEX"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,6 +64,8 @@ class ServerOutput(NamedTuple):
 
 class ClientPart(nn.Module):
     """Vision tower + connector + the LLM's token-embedding table + the client halves of both codecs."""
+
+    PART = "client"
 
     def __init__(self, cfg: Config, vision_tower: VisionTower, embed_tokens: nn.Embedding, image_token_id: int,
                  image_codec: ClientCodec | None = None, text_codec: ClientCodec | None = None):
@@ -196,6 +198,8 @@ class NoTokenEmbedding(nn.Module):
 
 class ServerPart(nn.Module):
     """Server halves of both codecs + the LLM's decoder stack and LM head (its embedding table is removed)."""
+
+    PART = "server"
 
     def __init__(self, cfg: Config, llm: PreTrainedModel, image_codec: ServerCodec | None = None,
                  text_codec: ServerCodec | None = None):
@@ -440,6 +444,15 @@ def _check_base(path: Path, meta: dict[str, Any], allowed: tuple[str, ...]) -> d
                              "different weights than when the part was saved")
         out[name] = str(folder)
     return out
+
+
+def saved_weights(path: str | Path, part: str) -> tuple[dict[str, str], dict[str, torch.Tensor] | None]:
+    """What a part folder holds itself: (submodule -> pretrained folder it keeps by reference, its own tensors by
+    parameter name), or None for the tensors when it also has LoRA adapters (load those with `from_pretrained`)."""
+    path = Path(path)
+    meta = _load_meta(path, part)
+    base = _check_base(path, meta.get("base_weights", {}), ("embed_tokens",) if part == "client" else ("llm",))
+    return base, None if meta.get("adapter") else load_file(str(path / WEIGHTS_NAME))
 
 
 def _plain(key: str) -> str:

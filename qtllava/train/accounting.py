@@ -48,10 +48,17 @@ def summarize_link(rows: list[dict]) -> dict:
         out["parts"].append({"direction": direction, "part": part, "bytes": n,
                              "bytes_per_step": n / max(1, steps),
                              "bits_per_element": 8 * n / elements[el] if el and elements[el] else None})
+    rows_bytes = {"up": 0, "down": 0}
     for direction in ("up", "down"):
         n = out[f"bytes_{direction}"] - listed[direction]
         out["parts"].append({"direction": direction, "part": "envelope", "bytes": n,
                              "bytes_per_step": n / max(1, steps), "bits_per_element": None})
+        field = "payload_up" if direction == "up" else "payload_down"
+        rows_bytes[direction] = sum(r[field].get(k, 0) for r in rows for k in ("image", "text"))
+    # the 16-bit reference for the same rows: 2 bytes per element of the image and text rows each way (the features
+    # up, their gradients down), with the same labels, layout and envelope as this run
+    for direction in ("up", "down"):
+        out[f"fp16_bytes_{direction}"] = out[f"bytes_{direction}"] - rows_bytes[direction] + 2 * sum(elements.values())
     return out
 
 
@@ -69,4 +76,13 @@ def format_link_table(summary: dict, title: str = "") -> str:
         msgs = summary[f"messages_{direction}"]
         lines.append(f"{direction:<5} {'= messages':<16} {total:>12} {total / max(1, summary['steps']):>11.0f} "
                      f"{'':>9}  ({msgs} messages, {summary['steps']} steps)")
+    ours = summary["bytes_up"] + summary["bytes_down"]
+    ref = summary.get("fp16_bytes_up", 0) + summary.get("fp16_bytes_down", 0)
+    if ref:
+        for direction in ("up", "down"):
+            r = summary[f"fp16_bytes_{direction}"]
+            lines.append(f"{direction:<5} {'fp16 would send':<16} {r:>12} {r / max(1, summary['steps']):>11.0f} "
+                         f"{'':>9}  (this run: {100 * summary[f'bytes_{direction}'] / max(1, r):.1f} %)")
+        lines.append(f"both  {'this run / fp16':<16} {ours:>12} {'':>11} {'':>9}  ({100 * ours / ref:.1f} % of "
+                     f"{ref} bytes)")
     return "\n".join(lines)

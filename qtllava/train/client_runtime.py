@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qtllava.compress.base import Packet, nbytes
+from qtllava.compress.base import Packet, PacketError, nbytes
 from qtllava.compress.grad import decode_grad, encode_grad, spread_rows
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
@@ -67,6 +68,21 @@ def make_hello(cfg: Config, name: str = "client", session_id: str = "", cut: str
     return pb.Hello(protocol_version=PROTOCOL_VERSION, config_hash=config_hash(cfg, HASH_SECTIONS),
                     config_json=json.dumps(cfg_dict, sort_keys=True), session_id=session_id, client_name=name,
                     cut=cut, resume=resume_step is not None, resume_step=resume_step or 0)
+
+
+def _reply_tensor(data: bytes, numel: int | None, what: str) -> torch.Tensor:
+    """A tensor from the server's reply, refused (WireError) when malformed, of another size than `numel` (checked
+    before decoding) or not finite: a hostile or broken server must not reach the client's weights."""
+    try:
+        packet = Packet.from_bytes(data)
+        if numel is not None and packet.numel != numel:
+            raise WireError(f"{packet.numel} elements for {numel}")
+        t = decode_grad(packet)
+    except (PacketError, ValueError) as e:
+        raise WireError(f"the server's {what} is malformed: {e}") from e
+    if not bool(torch.isfinite(t).all()):
+        raise WireError(f"the server's {what} holds non-finite values; refused")
+    return t
 
 
 class ClientRuntime:
@@ -162,7 +178,7 @@ class ClientRuntime:
                 payload_up["labels"] += len(mask) + len(ids)
             else:
                 reply = send(req)  # -> the server's final hidden states at the predicting positions
-                hidden = decode_grad(Packet.from_bytes(reply.hidden)).requires_grad_(True)
+                hidden = _reply_tensor(reply.hidden, None, "hidden states").requires_grad_(True)
                 payload_down["hidden"] += len(reply.hidden)
                 loss, _ = head_loss(self.head, hidden, batch["labels"], out.layout, self.cfg.train.loss_average)
                 (loss / count).backward()
@@ -172,8 +188,15 @@ class ClientRuntime:
                                             hidden_grad=g))
                 losses.append(float(loss.detach()))
                 payload_up["hidden_grad"] += len(g)
-            g_img = decode_grad(Packet.from_bytes(reply.image_grad))
-            g_txt = self._text_grad(reply.text_grad, out.text.values)
+            if not math.isfinite(reply.loss):
+                self.zero_grad()
+                raise WireError(f"the server replied to step {self.step_id} with a non-finite loss; refused")
+            try:
+                g_img = _reply_tensor(reply.image_grad, out.image.values.numel(), "image-row gradient")
+                g_txt = self._text_grad(reply.text_grad, out.text.values)
+            except WireError:
+                self.zero_grad()  # nothing of this step reaches the weights
+                raise
             aux = out.image.aux_loss + out.text.aux_loss
             tensors, grads = [], []
             for v, g in ((out.image.values, g_img), (out.text.values, g_txt)):
@@ -218,8 +241,9 @@ class ClientRuntime:
                 raise WireError(f"{len(data)} bytes of text-row gradient, but compress.downlink_text is "
                                 f"{NO_GRADIENT!r}")
             return None
-        g = decode_grad(Packet.from_bytes(data))
-        return spread_rows(g, values) if self.cfg.compress.merge_text_rows else g
+        merged = self.cfg.compress.merge_text_rows
+        g = _reply_tensor(data, None if merged else values.numel(), "text-row gradient")
+        return spread_rows(g, values) if merged else g
 
     def _downlink(self) -> str:
         """Tensor codec of hidden states and their gradients in the U cut (the stage's downlink codec)."""
@@ -264,8 +288,11 @@ class ClientRuntime:
 
     def _next_ids(self, reply: pb.GenerateReply, bsz: int) -> torch.Tensor:
         if self.cut == "paper":
-            return ids_from_bytes(reply.next_ids, bsz)
-        hidden = decode_grad(Packet.from_bytes(reply.hidden)).reshape(bsz, -1)
+            ids = ids_from_bytes(reply.next_ids, bsz)
+            if bool(((ids < 0) | (ids >= self.vocab_size)).any()):
+                raise WireError(f"the server's next token ids lie outside the vocabulary ({self.vocab_size})")
+            return ids
+        hidden = _reply_tensor(reply.hidden, None, "hidden states").reshape(bsz, -1)
         return self.head(hidden.to(self.head.lm_head.weight.dtype)).argmax(dim=-1)
 
     # --- checkpoints ------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, resolve_tokenizer
 from qtllava.data.templates import template_name
-from qtllava.model.parts import CONFIG_NAME, WEIGHTS_NAME, ClientPart, ServerPart, build_parts
+from qtllava.model.parts import CONFIG_NAME, WEIGHTS_NAME, ClientPart, ServerPart, build_parts, saved_weights
 from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
@@ -57,13 +57,19 @@ def load_tokenizer_for(cfg: Config, data_root: Path):
 def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str, ...]) -> None:
     """Copy weights saved in `folder` into `part`, except the submodules named in `fresh` (re-initialised).
 
-    Raises when a parameter that should carry over is missing from the folder.
+    Weights the saved part keeps by reference to a pretrained folder that `part` was built from too are already
+    in place and are not read again. Raises when a parameter that should carry over is missing from the folder.
     """
-    saved_part = cls.from_pretrained(folder)
-    saved = saved_part.state_dict()
+    saved_base, tensors = saved_weights(folder, cls.PART)
+    own_base = getattr(part, "base_weights", {})
+    if tensors is None or any(own_base.get(k) != v for k, v in saved_base.items()):
+        whole = cls.from_pretrained(folder)  # adapters, or references this part was not built from
+        saved_base, saved, shared = whole.base_weights, whole.state_dict(), ()
+    else:
+        saved, shared = tensors, tuple(saved_base)
     own = part.state_dict()
     keep = {k: v for k, v in saved.items() if k in own and not k.split(".")[0] in fresh}
-    missing = [k for k in own if k not in keep and k.split(".")[0] not in fresh
+    missing = [k for k in own if k not in keep and k.split(".")[0] not in fresh + shared
                and k.split(".")[0] not in ("image_codec", "text_codec")]
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
@@ -71,7 +77,7 @@ def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str
     keep = {k: v for k, v in keep.items() if own[k].shape == v.shape}
     part.load_state_dict(keep, strict=False)
     # what the saved part held unchanged from a pretrained folder (a part trained in full holds its own weights)
-    part.base_weights = {k: v for k, v in getattr(part, "base_weights", {}).items() if k in saved_part.base_weights}
+    part.base_weights = {k: v for k, v in own_base.items() if k in saved_base}
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -158,8 +164,11 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
             fit_text_decoder(client, server, init / "client")
         if fit_image:
             fit_image_decoder(client, server, stage_batches(cfg, stage, data_root, tok))
-    if recipe(cfg, stage).llm == "lora":  # in every process, so that the adapters draw the same random numbers
-        server.enable_lora(cfg.llm.lora)
+    if recipe(cfg, stage).llm == "lora":
+        # from their own seeded stream: a process that loads one half has drawn fewer random numbers by now
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed * 1000 + STAGES.index(stage))
+            server.enable_lora(cfg.llm.lora)
     return scfg, tok, client, server
 
 
@@ -385,7 +394,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
             client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=end,
                                                            tag="final"))
         _save_checkpoint(final, client_rt, server_rt, scfg)
-    if remote:
+    if remote and end == st.steps:  # a client that stops early (max_steps) keeps its session for --resume
         client_rt.link.close(pb.Goodbye(session_id=client_rt.session_id))
     return StageRun(stage=stage, out_dir=out_dir, steps=end, final=final, wall_s=wall, last_loss=last_loss,
                     traffic=link.traffic.summary(), rollbacks=rollbacks)

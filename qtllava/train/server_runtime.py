@@ -17,6 +17,7 @@ several clients it is exact only if they resume together from the same checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import torch
 from qtllava.compress.base import Packet, PacketError
 from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names, merge_rows
 from qtllava.config import Config, config_hash, to_dict
-from qtllava.model.parts import Layout, ServerPart
+from qtllava.model.parts import IGNORE_INDEX, Layout, ServerPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.ucut import check_cut, identity_head, predicting_mask
 from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb
@@ -57,6 +58,19 @@ class SplitError(RuntimeError):
     def __init__(self, message: str, code: str = "FAILED_PRECONDITION"):
         super().__init__(message)
         self.code = code
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`value` as it may appear in an error text: repr'd and cut to `limit` characters (input is untrusted)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse (INVALID_ARGUMENT) a tensor with a NaN or infinity: it would poison the shared weights."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise SplitError(f"{what}: {bad} non-finite values (NaN or infinity)", "INVALID_ARGUMENT")
 
 
 def describe_config_difference(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
@@ -95,6 +109,8 @@ class Session:
     acc: dict = field(default_factory=dict)  # metrics of `next_step` so far
     steps_applied: int = 0
     loss_sum: float = 0.0
+    owner: str = ""  # the identity the transport authenticated when the session was opened ("" = none)
+    closed: bool = False
 
     def reset_step(self) -> None:
         self.micro_done = 0
@@ -145,12 +161,21 @@ class ServerRuntime:
             part.requires_grad_(False)
             self.trainable = []
         self.generator = torch.Generator().manual_seed(generator_seed)  # stochastic rounding of gradients
+        # the server's own stream for the default generator (dropout, e.g. LoRA's): the same whether the client's
+        # work runs in this process or another, and saved with each checkpoint, so that resume stays exact
+        self.rng_state = torch.Generator().manual_seed(generator_seed + 1).get_state()
         self.generations: dict[tuple[str, int], tuple] = {}
         self.applied_steps = 0
+        self.refused: dict[str, int] = {}  # refused requests by reason (non_finite, ...)
 
     # --- handshake --------------------------------------------------------------------------------------------
 
-    def handshake(self, req: pb.Hello) -> pb.HelloReply:
+    def handshake(self, req: pb.Hello, peer: str = "") -> pb.HelloReply:
+        """Open or resume a session. `peer`: the identity the transport authenticated ("" where it does not);
+        a session belongs to the identity that opened it, and `client_name` must be that identity."""
+        if peer and req.client_name and req.client_name != peer:
+            raise SplitError(f"client_name {_short(req.client_name)} is not the authenticated client "
+                             f"{_short(peer)}", "PERMISSION_DENIED")
         if req.protocol_version != PROTOCOL_VERSION:
             raise SplitError(f"protocol version {req.protocol_version} not supported (server speaks "
                              f"{PROTOCOL_VERSION})", "FAILED_PRECONDITION")
@@ -175,8 +200,12 @@ class ServerRuntime:
             sess = self.sessions.get(sid)
             rolled_back = False
             if sess is None:
-                sess = self.sessions[sid] = Session(session_id=sid, name=req.client_name)
-                log.info("new session %s (%s)", sid, req.client_name)
+                sess = self.sessions[sid] = Session(session_id=sid, name=peer or req.client_name, owner=peer)
+                log.info("new session %s (%s)", sid, sess.name)
+            else:
+                self._check_owner(sess, peer)
+                if sess.closed:
+                    raise SplitError(f"session {sid} is closed; open a new one", "FAILED_PRECONDITION")
             if req.resume:
                 self._release(sid)
                 sess.reset_step()
@@ -190,7 +219,16 @@ class ServerRuntime:
                                  server_config_hash=self.hash, rolled_back=rolled_back)
 
     def _roll_back(self, sess: Session, step: int) -> bool:
-        """Restore this session's latest checkpoint at or below `step`; drop its later ones. -> restored?"""
+        """Restore this session's latest checkpoint at or below `step`; drop its later ones. -> restored?
+
+        The server model is shared: it is rolled back only when no other open session has steps applied to it
+        (server-side policy; one client alone never rolls back what others trained)."""
+        others = [s for s in self.sessions.values() if s.session_id != sess.session_id and not s.closed
+                  and s.next_step > 0]
+        if others:
+            raise SplitError(f"session {sess.session_id} asks to roll the shared model back to step {step}, but "
+                             f"{len(others)} other open session(s) trained it since; the server does not roll back "
+                             "(restart all clients with --resume together)", "FAILED_PRECONDITION")
         ck = self._session_checkpoint(sess.session_id, step)
         if ck is None:
             log.warning("session %s: no checkpoint at or below step %d; staying at step %d", sess.session_id, step,
@@ -206,19 +244,45 @@ class ServerRuntime:
         log.warning("session %s rolled back to step %d (%s)", sess.session_id, sess.next_step, ck)
         return True
 
-    def _session(self, sid: str) -> Session:
+    def _session(self, sid: str, peer: str = "", open_only: bool = True) -> Session:
+        """The session `sid`, if `peer` owns it (PERMISSION_DENIED otherwise) and it is open."""
         if sid not in self.sessions:
-            raise SplitError(f"unknown session {sid!r}: call Handshake first", "FAILED_PRECONDITION")
-        return self.sessions[sid]
+            raise SplitError(f"unknown session {_short(sid)}: call Handshake first", "FAILED_PRECONDITION")
+        sess = self.sessions[sid]
+        self._check_owner(sess, peer)
+        if open_only and sess.closed:
+            raise SplitError(f"session {sid} is closed", "FAILED_PRECONDITION")
+        return sess
+
+    @staticmethod
+    def _check_owner(sess: Session, peer: str) -> None:
+        if sess.owner != peer:
+            raise SplitError(f"session {sess.session_id} belongs to another client", "PERMISSION_DENIED")
+
+    def _refuse(self, reason: str, error: SplitError) -> SplitError:
+        """Count a refusal by reason (reported in `state()`) and hand the error back to raise."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return error
 
     # --- training ---------------------------------------------------------------------------------------------
 
-    def _values(self, data: bytes, codec, what: str) -> torch.Tensor:
+    def _values(self, data: bytes, codec, what: str, rows: int | None = None) -> torch.Tensor:
+        """Decode one modality's packet; with `rows`, its shape is checked against the layout before any decoding
+        (a small packet may claim a huge shape). Non-finite values are refused."""
         try:
             packet = Packet.from_bytes(data)
-            return codec.dequantize(packet)
+            width = getattr(codec, "d_code", None) or self.part.hidden_size
+            if rows is not None and (len(packet.shape) != 2 or packet.shape[0] != rows or packet.shape[1] > 2 * width):
+                raise PacketError(f"shape {tuple(packet.shape)[:4]} does not fit the layout's {rows} rows of width "
+                                  f"{width}")
+            values = codec.dequantize(packet)
         except (PacketError, ValueError, RuntimeError, KeyError) as e:
             raise SplitError(f"{what} packet: {e}", "INVALID_ARGUMENT") from e
+        if not bool(torch.isfinite(values).all()):
+            raise self._refuse("non_finite", SplitError(
+                f"{what} packet: {int((~torch.isfinite(values)).sum())} non-finite values (NaN or infinity)",
+                "INVALID_ARGUMENT"))
+        return values
 
     def _wait_turn(self, sid: str) -> None:
         """U cut: wait (lock released) while another session is between its forward and backward message.
@@ -243,14 +307,19 @@ class ServerRuntime:
             self._owner = None
             self._turn.notify_all()
 
-    def step(self, req: pb.StepRequest) -> pb.StepReply:
+    def step(self, req: pb.StepRequest, peer: str = "") -> pb.StepReply:
         if self.stage is None:
             raise SplitError("this server was started for generation only", "FAILED_PRECONDITION")
         if req.stage != self.stage:
             raise SplitError(f"step for {req.stage!r}, but this server runs {self.stage!r}", "FAILED_PRECONDITION")
         backward = self.cut == "u" and len(req.hidden_grad) > 0
+        if req.hidden_grad and self.cut != "u":
+            raise SplitError("hidden-state gradients belong to the U-shaped cut; this server runs the paper cut",
+                             "INVALID_ARGUMENT")
+        if not backward:  # a U-cut backward message carries the pending forward's gradient only
+            self._check_size(req.batch, req.seq_len)
         with self.lock:
-            sess = self._session(req.session_id)
+            sess = self._session(req.session_id, peer)
             key = (req.step_id, req.micro_index, int(backward))
             if key == sess.last_key:
                 reply = pb.StepReply.FromString(sess.last_reply)
@@ -258,7 +327,7 @@ class ServerRuntime:
                 return reply
             if self.cut == "u":
                 self._wait_turn(sess.session_id)
-                sess = self._session(req.session_id)
+                sess = self._session(req.session_id, peer)
             if backward:
                 if sess.pending is None or sess.pending.key != key[:2]:
                     raise SplitError(f"out of order: hidden-state gradient for step {req.step_id} micro "
@@ -270,16 +339,17 @@ class ServerRuntime:
                 raise SplitError(f"micro_index {req.micro_index} not below micro_count {req.micro_count}",
                                  "INVALID_ARGUMENT")
             t0 = time.perf_counter()
-            if self.cut == "paper":
-                reply = self._train_micro(req, sess)
-            elif not backward:
-                reply = self._forward_u(req, sess)
-                self._owner = sess.session_id
-            else:
-                try:
-                    reply = self._backward_u(req, sess)
-                finally:
-                    self._release(sess.session_id)
+            with self._own_rng():
+                if self.cut == "paper":
+                    reply = self._train_micro(req, sess)
+                elif not backward:
+                    reply = self._forward_u(req, sess)
+                    self._owner = sess.session_id
+                else:
+                    try:
+                        reply = self._backward_u(req, sess)
+                    finally:
+                        self._release(sess.session_id)
             self._account(sess, req, reply, time.perf_counter() - t0)
             if self.cut == "paper" or backward:
                 sess.micro_done += 1
@@ -290,25 +360,58 @@ class ServerRuntime:
             sess.last_reply = reply.SerializeToString()
             return reply
 
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """Run a step's forward and backward on the server's own random stream (`rng_state`; the CPU generator:
+        on an accelerator, dropout draws from that device's generator instead)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng_state)
+            try:
+                yield
+            finally:
+                self.rng_state = torch.get_rng_state()
+
+    def _check_size(self, batch: int, seq_len: int) -> None:
+        """Refuse, before anything is decoded, a batch longer than the model's positions or larger than
+        `wire.max_tokens_per_step` positions."""
+        positions = int(getattr(self.part.llm.config, "max_position_embeddings", 0) or 0)
+        if batch < 1 or seq_len < 1 or (positions and seq_len > positions):
+            raise SplitError(f"batch {batch} x {seq_len} positions: need at least one sequence of 1 to {positions} "
+                             "positions", "INVALID_ARGUMENT")
+        if batch * seq_len > self.cfg.wire.max_tokens_per_step:
+            raise SplitError(f"batch {batch} x {seq_len} positions exceeds wire.max_tokens_per_step "
+                             f"({self.cfg.wire.max_tokens_per_step})", "RESOURCE_EXHAUSTED")
+
     def _inputs(self, req: pb.StepRequest) -> tuple[Layout, torch.Tensor, torch.Tensor]:
         try:
             layout = Layout.from_bytes(req.layout, (req.batch, req.seq_len))
         except ValueError as e:
             raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
-        image = self._values(req.image, self.part.image_codec, "image").requires_grad_(True)
-        text = self._values(req.text, self.part.text_codec, "text").requires_grad_(True)
+        image = self._values(req.image, self.part.image_codec, "image", layout.n_image).requires_grad_(True)
+        text = self._values(req.text, self.part.text_codec, "text", layout.n_text).requires_grad_(True)
         return layout, image, text
 
     def _backward(self, sess: Session, tensors: list[torch.Tensor], grads: list) -> None:
-        """Backpropagate into this session's own gradient sums (the shared parameters' .grad stays empty)."""
+        """Backpropagate into this session's own gradient sums (the shared parameters' .grad stays empty). A
+        non-finite loss or gradient is refused before it reaches the sums: the session's step starts over."""
+        for t in tensors:
+            if t.ndim == 0 and not bool(torch.isfinite(t)):
+                sess.reset_step()
+                raise self._refuse("non_finite", SplitError("the loss is not finite; the step is refused",
+                                                            "INVALID_ARGUMENT"))
         for i, p in enumerate(self.trainable):
-            p.grad = sess.grads[i] if sess.grads is not None else None
+            p.grad = sess.grads[i].clone() if sess.grads is not None and sess.grads[i] is not None else None
         try:
             torch.autograd.backward(tensors, grads)
+            new = [p.grad for p in self.trainable]
         finally:
-            sess.grads = [p.grad for p in self.trainable]
             for p in self.trainable:
                 p.grad = None
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in new):
+            sess.reset_step()
+            raise self._refuse("non_finite", SplitError("the gradient is not finite; the step is refused",
+                                                        "INVALID_ARGUMENT"))
+        sess.grads = new
 
     def _grad_packets(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, bytes]:
         sr = self.cfg.compress.stochastic_rounding
@@ -328,6 +431,10 @@ class ServerRuntime:
         layout, image, text = self._inputs(req)
         try:
             labels = labels_from_wire(req.label_mask, req.label_ids, req.label_width, (req.batch, req.seq_len))
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.part.vocab_size))
+            if bool(bad.any()):
+                raise SplitError(f"step {req.step_id}: {int(bad.sum())} label ids outside the vocabulary "
+                                 f"(0..{self.part.vocab_size - 1})", "INVALID_ARGUMENT")
             out = self.part(image, text, layout, labels=labels, loss_average=self.cfg.train.loss_average)
         except (ValueError, WireError, RuntimeError) as e:
             raise SplitError(f"step {req.step_id}: {e}", "INVALID_ARGUMENT") from e
@@ -356,12 +463,15 @@ class ServerRuntime:
     def _backward_u(self, req: pb.StepRequest, sess: Session) -> pb.StepReply:
         pending, sess.pending = sess.pending, None
         try:
-            g = decode_grad(Packet.from_bytes(req.hidden_grad))
+            packet = Packet.from_bytes(req.hidden_grad)
+            if tuple(packet.shape) != tuple(pending.rows.shape):  # before decoding: a shape may claim gigabytes
+                raise PacketError(f"shape {tuple(packet.shape)[:4]} for {tuple(pending.rows.shape)} rows")
+            g = decode_grad(packet)
         except (PacketError, ValueError) as e:
             raise SplitError(f"hidden-state gradient packet: {e}", "INVALID_ARGUMENT") from e
-        if tuple(g.shape) != tuple(pending.rows.shape):
-            raise SplitError(f"hidden-state gradient of shape {tuple(g.shape)} for {tuple(pending.rows.shape)} rows",
-                             "INVALID_ARGUMENT")
+        if not bool(torch.isfinite(g).all()):
+            raise self._refuse("non_finite", SplitError("hidden-state gradient: non-finite values",
+                                                        "INVALID_ARGUMENT"))
         self._backward(sess, [pending.rows], [g.to(pending.rows.dtype)])
         grads = self._grad_packets(pending.image, pending.text)
         return pb.StepReply(step_id=req.step_id, micro_index=req.micro_index, image_grad=grads["image"],
@@ -377,6 +487,9 @@ class ServerRuntime:
 
     def _apply(self, sess: Session, step_id: int, total_steps: int) -> None:
         if self.optimizer is not None:
+            if sess.grads is not None and not all(g is None or bool(torch.isfinite(g).all()) for g in sess.grads):
+                sess.reset_step()  # never reached through _backward; a last guard in front of the optimizer
+                raise self._refuse("non_finite", SplitError("non-finite gradient sums", "INVALID_ARGUMENT"))
             for i, p in enumerate(self.trainable):
                 p.grad = sess.grads[i] if sess.grads is not None else None
             if self.stage_cfg.max_grad_norm > 0:
@@ -420,9 +533,9 @@ class ServerRuntime:
     # --- generation -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, req: pb.GenerateRequest) -> pb.GenerateReply:
+    def generate(self, req: pb.GenerateRequest, peer: str = "") -> pb.GenerateReply:
         with self.lock:
-            self._session(req.session_id)
+            self._session(req.session_id, peer)
             key = (req.session_id, req.generation_id)
             if req.close:
                 self.generations.pop(key, None)
@@ -431,6 +544,7 @@ class ServerRuntime:
             try:
                 with identity_head(self.part.llm) if self.cut == "u" else nullcontext():
                     if req.round == 0:
+                        self._check_size(req.batch, req.seq_len)
                         layout = Layout.from_bytes(req.layout, (req.batch, req.seq_len))
                         image = self._values(req.image, self.part.image_codec, "image")
                         logits, cache = self.part.prefill(image, text, layout)
@@ -454,13 +568,13 @@ class ServerRuntime:
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
-    def checkpoint(self, req: pb.CheckpointRequest) -> pb.CheckpointReply:
+    def checkpoint(self, req: pb.CheckpointRequest, peer: str = "") -> pb.CheckpointReply:
         """Save at the session's step boundary: `<checkpoint_dir>/<session>/step-NNNNNN`, or `final_dir` for
         tag "final". Refused (FAILED_PRECONDITION) when the client's step differs from the session's."""
         if req.tag not in ("", "final"):
             raise SplitError(f"checkpoint tag must be empty or 'final', got {req.tag!r}", "INVALID_ARGUMENT")
         with self.lock:
-            sess = self._session(req.session_id)
+            sess = self._session(req.session_id, peer)
             if self.checkpoint_dir is None:
                 raise SplitError("this server has no checkpoint directory", "FAILED_PRECONDITION")
             if req.step_id != sess.next_step or sess.micro_done or sess.pending is not None:
@@ -471,14 +585,21 @@ class ServerRuntime:
             else:
                 target = self.checkpoint_dir / sess.session_id / f"step-{sess.next_step:06d}"
             path = self._save_atomic(target)
-            return pb.CheckpointReply(path=str(path), step_id=sess.next_step)
+            # the reply names the checkpoint, not where the server keeps its files
+            return pb.CheckpointReply(path=path.name if req.tag else f"{sess.session_id}/{path.name}",
+                                      step_id=sess.next_step)
 
-    def close(self, req: pb.Goodbye) -> pb.GoodbyeReply:
+    def close(self, req: pb.Goodbye, peer: str = "") -> pb.GoodbyeReply:
+        """End a session: it refuses steps from now on (its checkpoints stay for a later `--resume` of the server)."""
         with self.lock:
             sess = self.sessions.get(req.session_id)
             if sess is not None:
+                self._check_owner(sess, peer)
                 self._release(sess.session_id)
                 sess.reset_step()
+                sess.closed = True
+                for key in [k for k in self.generations if k[0] == sess.session_id]:
+                    del self.generations[key]
             return pb.GoodbyeReply(steps_applied=sess.next_step if sess else 0)
 
     def state(self) -> dict:
@@ -487,8 +608,10 @@ class ServerRuntime:
             "cut": self.cut,
             "applied_steps": self.applied_steps,
             "saved_ns": time.time_ns(),
+            "refused": dict(self.refused),
             "sessions": {s.session_id: {"name": s.name, "next_step": s.next_step, "steps_applied": s.steps_applied,
-                                        "mean_loss": s.loss_sum / max(1, s.steps_applied)}
+                                        "mean_loss": s.loss_sum / max(1, s.steps_applied), "owner": s.owner,
+                                        "closed": s.closed}
                          for s in self.sessions.values()},
         }
 
@@ -498,7 +621,7 @@ class ServerRuntime:
         path.mkdir(parents=True, exist_ok=True)
         self.part.save_pretrained(path / "server")
         torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                    "generator": self.generator.get_state()}, path / "server_optim.pt")
+                    "generator": self.generator.get_state(), "rng": self.rng_state}, path / "server_optim.pt")
         (path / "server_state.json").write_text(json.dumps(self.state(), indent=2))
         return path
 
@@ -524,9 +647,12 @@ class ServerRuntime:
         if self.optimizer is not None and blob["optimizer"] is not None:
             self.optimizer.load_state_dict(blob["optimizer"])
         self.generator.set_state(blob["generator"])
+        if "rng" in blob:  # checkpoints written before the server had its own stream lack it
+            self.rng_state = blob["rng"]
         state = json.loads((path / "server_state.json").read_text())
         saved = {sid: Session(session_id=sid, name=s["name"], next_step=s["next_step"],
-                              steps_applied=s.get("steps_applied", 0),
+                              steps_applied=s.get("steps_applied", 0), owner=s.get("owner", ""),
+                              closed=s.get("closed", False),
                               loss_sum=s.get("mean_loss", 0.0) * s.get("steps_applied", 0))
                  for sid, s in state["sessions"].items()}
         if session is None:

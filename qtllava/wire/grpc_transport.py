@@ -110,10 +110,12 @@ class _Servicer:
         self.handler = handler
         self.options = options
 
-    def _authorize(self, context) -> None:
+    def _authorize(self, context) -> str:
+        """Check the call's token; -> the authenticated identity: the client's name under per-client keys, the
+        common name of its certificate under mutual TLS without keys, else "" (a shared token names nobody)."""
         tokens = self.options.tokens
         if not tokens:
-            return
+            return _certificate_name(context)
         md = dict(context.invocation_metadata())
         given = md.get(AUTH_KEY, "")
         name = md.get(CLIENT_KEY, "")
@@ -122,11 +124,12 @@ class _Servicer:
         # Compare against a dummy when the client is unknown, so timing does not tell names apart.
         ok = hmac.compare_digest(presented, (expected or "\0invalid").encode())
         if not ok or expected is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad or missing token for client {name!r}")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad or missing token for client {_bounded(name)}")
+        return name if name in tokens else _certificate_name(context)
 
-    def _dispatch(self, kind: str, request, context):
+    def _dispatch(self, kind: str, request, context, peer: str = ""):
         try:
-            return getattr(self.handler, kind)(request)
+            return getattr(self.handler, kind)(request, peer=peer)
         except Exception as e:  # map every refusal to a status; the server keeps serving
             code = getattr(e, "code", None)
             status = _STATUS.get(code, None) if isinstance(code, str) else None
@@ -135,7 +138,7 @@ class _Servicer:
                     else grpc.StatusCode.INTERNAL
             if status == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", kind)
-            context.abort(status, str(e))
+            context.abort(status, _bounded(str(e), 1000))
 
     @staticmethod
     def _parse(kind: str, data: bytes, context):
@@ -145,12 +148,12 @@ class _Servicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {MESSAGE_TYPES[kind][0].__name__}: {e}")
 
     def unary(self, kind: str, data: bytes, context) -> bytes:
-        self._authorize(context)
+        peer = self._authorize(context)
         request = self._parse(kind, data, context)
-        return self._dispatch(kind, request, context).SerializeToString()
+        return self._dispatch(kind, request, context, peer).SerializeToString()
 
     def step_stream(self, request_iterator, context):
-        self._authorize(context)
+        peer = self._authorize(context)
         parts: list[bytes] = []
         total = 0
         count = None
@@ -176,11 +179,26 @@ class _Servicer:
         if count is None or len(parts) != count:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the last chunk")
         request = self._parse("step", b"".join(parts), context)
-        reply = self._dispatch("step", request, context).SerializeToString()
+        reply = self._dispatch("step", request, context, peer).SerializeToString()
         n = max(1, -(-len(reply) // REPLY_CHUNK_BYTES))
         for i in range(n):
             data = reply[i * REPLY_CHUNK_BYTES:(i + 1) * REPLY_CHUNK_BYTES]
             yield pb.Chunk(kind="step_reply", index=i, count=n, data=data).SerializeToString()
+
+
+def _bounded(text: str, limit: int = 80) -> str:
+    """Untrusted text as it may appear in an error: repr'd and cut to `limit` characters."""
+    text = repr(text) if limit <= 80 else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _certificate_name(context) -> str:
+    """The common name of a mutual-TLS client's certificate, "" without one."""
+    try:
+        names = context.auth_context().get("x509_common_name") or []
+    except (AttributeError, ValueError):
+        return ""
+    return names[0].decode("utf-8", "replace") if names else ""
 
 
 def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:

@@ -1,0 +1,214 @@
+"""Hostile input, bounded: each case asserts the refusal (its status), that the shared weights did not change, and
+that a legitimate client still steps afterwards. In one process (the runtimes behind the transports); the gRPC
+statuses of the same refusals are covered in tests/test_split_grpc.py."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtllava.compress.base import Packet
+from qtllava.compress.grad import encode_grad
+from qtllava.config import load_config
+from qtllava.data import LlavaDataset, collate, make_data
+from qtllava.data.templates import template_name
+from qtllava.model.parts import ClientPart
+from qtllava.train.client_runtime import ClientRuntime, make_hello
+from qtllava.train.loop import load_tokenizer_for, stage_parts
+from qtllava.train.server_runtime import ServerRuntime, SplitError
+from qtllava.wire.loopback import LoopbackLink
+from qtllava.wire.messages import WireError, labels_to_wire, pb
+
+STEPS = 4
+
+
+def micro(*overrides: str):
+    return load_config("micro", [f"train.stage2.steps={STEPS}", "train.threads=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    cfg = micro()
+    return make_data(cfg.data, cfg.vision.image_size, root=tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def setup(data):
+    cfg = micro()
+    scfg, tok, client, server = stage_parts(cfg, "stage2", data)
+    rt = ServerRuntime(server, scfg, "stage2", total_steps=STEPS)
+    ds = LlavaDataset.load(data / "instruct_train.json", data / "images", tok, template=template_name(cfg),
+                           image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
+                           max_length=cfg.data.max_length)
+    batches = [collate([ds[2 * i], ds[2 * i + 1]], pad_id=tok.pad_token_id) for i in range(3)]
+    return rt, client, scfg, batches
+
+
+def _request(client: ClientPart, batch: dict, sid: str, step: int = 0) -> pb.StepRequest:
+    out = client(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    mask, ids, width = labels_to_wire(batch["labels"], client.vocab_size)
+    return pb.StepRequest(session_id=sid, step_id=step, micro_index=0, micro_count=1, stage="stage2",
+                          batch=batch["input_ids"].shape[0], seq_len=batch["input_ids"].shape[1],
+                          layout=out.layout.to_bytes(), image=out.image.packet.to_bytes(),
+                          text=out.text.packet.to_bytes(), label_mask=mask, label_ids=ids, label_width=width,
+                          total_steps=STEPS)
+
+
+def _weights(rt: ServerRuntime) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in rt.part.state_dict().items()}
+
+
+def _unchanged(rt: ServerRuntime, before: dict) -> bool:
+    return all(torch.equal(before[k], v) for k, v in rt.part.state_dict().items())
+
+
+def _refused(rt, req, code: str, match: str = "", peer: str = "") -> None:
+    with pytest.raises(SplitError, match=match) as e:
+        rt.step(req, peer=peer)
+    assert e.value.code == code, e.value
+
+
+def _poisoned(client: ClientPart, batch: dict, sid: str, value: float) -> pb.StepRequest:
+    """A step whose image rows hold one `value` (NaN or infinity), sent as the fp32 identity packet would."""
+    req = _request(client, batch, sid)
+    packet = Packet.from_bytes(req.image)
+    rows = torch.zeros(packet.shape)
+    rows[0, 0] = value
+    req.image = Packet(codec="identity", shape=packet.shape, payload=rows.numpy().astype("<f4").tobytes(),
+                       dtype="fp32").to_bytes()
+    return req
+
+
+def test_non_finite_rows_are_refused_counted_and_never_reach_the_weights(setup):
+    rt, client, scfg, b = setup
+    sid = rt.handshake(make_hello(scfg, "a")).session_id
+    before = _weights(rt)
+    for value in (math.nan, math.inf, -math.inf):
+        _refused(rt, _poisoned(client, b[0], sid, value), "INVALID_ARGUMENT", "non-finite")
+    assert rt.refused["non_finite"] == 3 and rt.state()["refused"]["non_finite"] == 3
+    assert _unchanged(rt, before) and rt.applied_steps == 0
+    reply = rt.step(_request(client, b[0], sid))  # the honest step still goes through, at step 0
+    assert reply.applied and math.isfinite(reply.loss) and not _unchanged(rt, before)
+
+
+def test_a_non_finite_loss_is_refused_before_the_optimizer(setup):
+    rt, client, scfg, b = setup
+    sid = rt.handshake(make_hello(scfg, "a")).session_id
+    before = _weights(rt)
+    req = _request(client, b[0], sid)
+    packet = Packet.from_bytes(req.image)  # finite rows, but so large that the LLM overflows
+    rows = torch.full(packet.shape, 3e38)
+    req.image = Packet(codec="identity", shape=packet.shape, payload=rows.numpy().astype("<f4").tobytes(),
+                       dtype="fp32").to_bytes()
+    _refused(rt, req, "INVALID_ARGUMENT", "not finite")
+    assert _unchanged(rt, before) and rt.sessions[sid].micro_done == 0
+    assert rt.step(_request(client, b[0], sid)).applied
+
+
+def test_label_ids_outside_the_vocabulary_and_misplaced_fields_are_invalid(setup):
+    rt, client, scfg, b = setup
+    sid = rt.handshake(make_hello(scfg, "a")).session_id
+    before = _weights(rt)
+    req = _request(client, b[0], sid)
+    labels = b[0]["labels"].clone()
+    labels[labels != -100] = client.vocab_size + 7
+    req.label_mask, req.label_ids, req.label_width = labels_to_wire(labels, client.vocab_size + 100)
+    _refused(rt, req, "INVALID_ARGUMENT", "outside the vocabulary")
+    req = _request(client, b[0], sid)
+    req.hidden_grad = encode_grad(torch.zeros(2, 3), "fp16").to_bytes()
+    _refused(rt, req, "INVALID_ARGUMENT", "U-shaped cut")
+    assert _unchanged(rt, before)
+
+
+def test_size_bombs_are_refused_before_decoding(setup):
+    rt, client, scfg, b = setup
+    sid = rt.handshake(make_hello(scfg, "a")).session_id
+    req = _request(client, b[0], sid)
+    packet = Packet.from_bytes(req.image)  # a few bytes that claim 2^28 rows
+    req.image = Packet(codec=packet.codec, shape=(1 << 28, packet.shape[1]), payload=packet.payload[:64],
+                       side=packet.side, levels=packet.levels, coder=packet.coder, dtype=packet.dtype).to_bytes()
+    _refused(rt, req, "INVALID_ARGUMENT", "does not fit the layout")
+    long = _request(client, b[0], sid)
+    long.seq_len = rt.part.llm.config.max_position_embeddings + 1
+    _refused(rt, long, "INVALID_ARGUMENT", "positions")
+    rt.cfg.wire.max_tokens_per_step = 8
+    _refused(rt, _request(client, b[0], sid), "RESOURCE_EXHAUSTED", "max_tokens_per_step")
+
+
+def test_sessions_belong_to_who_authenticated(setup):
+    rt, client, scfg, b = setup
+    alice = rt.handshake(make_hello(scfg, "alice"), peer="alice").session_id
+    bob = rt.handshake(make_hello(scfg, "bob"), peer="bob").session_id
+    with pytest.raises(SplitError, match="not the authenticated client") as e:
+        rt.handshake(make_hello(scfg, "alice"), peer="bob")
+    assert e.value.code == "PERMISSION_DENIED"
+    before = _weights(rt)
+    _refused(rt, _request(client, b[0], alice), "PERMISSION_DENIED", "another client", peer="bob")
+    for call, req in ((rt.checkpoint, pb.CheckpointRequest(session_id=alice, step_id=0)),
+                      (rt.close, pb.Goodbye(session_id=alice)),
+                      (rt.handshake, make_hello(scfg, "bob", session_id=alice, resume_step=0))):
+        with pytest.raises(SplitError) as e:
+            call(req, peer="bob")
+        assert e.value.code == "PERMISSION_DENIED", call
+    assert _unchanged(rt, before)
+    assert rt.step(_request(client, b[0], alice), peer="alice").applied  # alice is undisturbed
+    rt.close(pb.Goodbye(session_id=bob), peer="bob")
+    _refused(rt, _request(client, b[1], bob), "FAILED_PRECONDITION", "closed", peer="bob")
+
+
+def test_one_client_cannot_roll_the_shared_model_back_under_another(setup, tmp_path):
+    rt, client, scfg, b = setup
+    rt.checkpoint_dir = tmp_path / "checkpoints"
+    rt.final_dir = tmp_path / "final"
+    a = rt.handshake(make_hello(scfg, "a")).session_id
+    rt.checkpoint(pb.CheckpointRequest(session_id=a, step_id=0))
+    rt.step(_request(client, b[0], a))
+    other = rt.handshake(make_hello(scfg, "b")).session_id
+    rt.step(_request(client, b[1], other))
+    before = _weights(rt)
+    with pytest.raises(SplitError, match="does not roll back") as e:
+        rt.handshake(make_hello(scfg, "a", session_id=a, resume_step=0))
+    assert e.value.code == "FAILED_PRECONDITION" and _unchanged(rt, before)
+    reply = rt.checkpoint(pb.CheckpointRequest(session_id=a, step_id=1))
+    assert reply.path == f"{a}/step-000001" and str(tmp_path) not in reply.path  # no server path in replies
+
+
+class _HostileServer:
+    """Answers every step with what `reply` makes of the honest server's reply."""
+
+    def __init__(self, honest: ServerRuntime, reply):
+        self.honest, self.reply = honest, reply
+
+    def handshake(self, req, peer=""):
+        return self.honest.handshake(req)
+
+    def step(self, req, peer=""):
+        return self.reply(self.honest.step(req))
+
+
+@pytest.mark.parametrize("attack", ["nan-gradient", "oversized-gradient", "nan-loss", "garbage"])
+def test_the_client_refuses_a_hostile_server_and_keeps_its_weights(setup, attack):
+    rt, client, scfg, b = setup
+
+    def hostile(reply: pb.StepReply) -> pb.StepReply:
+        if attack == "nan-loss":
+            reply.loss = math.nan
+        elif attack == "garbage":
+            reply.image_grad = b"QTPK\x01" + b"\xff" * 40
+        else:
+            packet = Packet.from_bytes(reply.image_grad)
+            rows = packet.shape[0] * (1000 if attack == "oversized-gradient" else 1)
+            g = torch.full((rows, packet.shape[1]), math.nan if attack == "nan-gradient" else 0.0)
+            reply.image_grad = encode_grad(g, "fp16").to_bytes()
+        return reply
+
+    crt = ClientRuntime(client, scfg, LoopbackLink(_HostileServer(rt, hostile)), "stage2", total_steps=STEPS)
+    crt.connect()
+    before = {k: v.detach().clone() for k, v in client.state_dict().items()}
+    with pytest.raises(WireError):
+        crt.train_step([b[0]])
+    assert all(torch.equal(before[k], v) for k, v in client.state_dict().items())
+    assert all(p.grad is None for p in client.parameters())
