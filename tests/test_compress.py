@@ -142,9 +142,9 @@ def test_robust_normalize_hand_checked():
     assert torch.equal(out[1], torch.zeros(5))  # a constant row maps to 0
     out3 = robust_normalize(x[:1], width=3.0)
     assert torch.allclose(out3, (x[:1] - 3) / (3 * math.sqrt(2)))
-    # batch: one pair over the whole tensor: mean 2.5, std of all 10 values
+    # batch: one pair over the whole tensor: mean 2.5, torch's default (unbiased) std of all 10 values
     allv = x.reshape(-1)
-    mu, sd = allv.mean(), allv.std(correction=0)
+    mu, sd = allv.mean(), allv.std()
     assert torch.allclose(robust_normalize(x, width=3.0, over="batch"), ((x - mu) / (3 * sd)).clamp(-1, 1))
     # sample statistics do not depend on the batch-mates
     y = torch.cat([x[:1], torch.randn(4, 5) * 100])
@@ -355,6 +355,20 @@ def test_topk_mask_with_wrong_count_raises():
     bad[0] ^= 0xFF
     with pytest.raises(PacketError, match="exactly k"):
         server.dequantize(dataclasses.replace(p, payload=bytes(bad)))
+
+
+def test_batch_normalisation_at_width_3_gives_the_reference_quantizers_indices():
+    """The paper's quantizer: mu and torch's default std over the whole batch tensor, clip at mu +- 3 std, map onto
+    [-1, 1], round to the nearest of L levels; written out here on its own and compared index for index."""
+    from qtllava.compress.fsq import quantize_indices
+
+    x = torch.randn(8, 64, 96, generator=torch.Generator().manual_seed(3)) * 1.7 + 0.3
+    for levels in (2, 4, 8):
+        mu, sd = x.mean(), torch.std(x)
+        z = (torch.clamp(x, mu - 3 * sd, mu + 3 * sd) - mu) / (3 * sd)
+        reference = torch.round((z + 1) / 2 * (levels - 1)).long()
+        ours = quantize_indices(robust_normalize(x, width=3.0, over="batch"), levels)[1]
+        assert torch.equal(ours.long(), reference), levels
 
 
 def test_empty_batch_every_codec():

@@ -101,8 +101,11 @@ def test_cache(tmp_path):
     make_data(dataclasses.replace(cfg, n_val=4), S, root=r)  # other settings: regenerated
     assert len(json.loads((r / "instruct_val.json").read_text())) == 4
     assert len(list((r / "images" / "instruct_val").glob("*.png"))) == 4  # stale images removed
-    (r / "captions.json").write_text("[]")  # tampered file: regenerated
-    make_data(dataclasses.replace(cfg, n_val=4), S, root=r)
+    (r / "captions.json").write_text("[]")  # a hand edit: refused, never overwritten silently
+    with pytest.raises(DataError, match="captions.json: edited_data: changed since the data was generated") as e:
+        make_data(dataclasses.replace(cfg, n_val=4), S, root=r)
+    assert "--force" in str(e.value) and (r / "captions.json").read_text() == "[]"
+    make_data(dataclasses.replace(cfg, n_val=4), S, root=r, force=True)
     assert len(json.loads((r / "captions.json").read_text())) == 24
 
 
@@ -530,6 +533,37 @@ def _bad_records(root) -> list[tuple[str, dict]]:
         ("placeholder_mismatch", {"id": "p2", "conversations": ok}),
         ("empty_answer", {"id": "e", "image": img, "conversations": [ok[0], {"from": "gpt", "value": "  "}]}),
     ]
+
+
+def test_image_paths_stay_in_the_image_folder_and_bombs_are_data_errors(root, tok, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import qtllava.data.llava_json as lj
+
+    images = tmp_path / "images"
+    images.mkdir()
+    good = json.loads((root / "captions.json").read_text())[0]
+    (images / "ok.png").write_bytes((root / "images" / good["image"]).read_bytes())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes((images / "ok.png").read_bytes())
+    for rel in (str(outside), "../secret.png", "sub/../../secret.png"):
+        path = tmp_path / "recs.json"
+        path.write_text(json.dumps([dict(good, image=rel)]))
+        with pytest.raises(DataError) as ei:
+            LlavaDataset.load(path, images, tok, "qwen2", S, N_IMG, 96)
+        assert ei.value.reason == "outside_image_folder" and "record 0" in str(ei.value), rel
+        if not rel.startswith("sub"):  # (images/sub does not exist, so the OS cannot walk through it)
+            assert len(LlavaDataset.load(path, images, tok, "qwen2", S, N_IMG, 96, allow_outside_images=True)) == 1
+    # an image whose header announces too many pixels is refused before it is decoded, naming file and record
+    Image.new("RGB", (400, 300)).save(images / "big.png")
+    path.write_text(json.dumps([dict(good, image="big.png")]))
+    monkeypatch.setattr(lj, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(DataError) as ei:
+        LlavaDataset.load(path, images, tok, "qwen2", S, N_IMG, 96)
+    assert ei.value.reason == "image_too_large" and "big.png" in str(ei.value)
+    ds = LlavaDataset.load(path, images, tok, "qwen2", S, N_IMG, 96, check_images=False)
+    with pytest.raises(DataError, match=r"record 0 .*image_too_large: .*400 x 300 pixels"):
+        ds[0]
 
 
 def test_bad_records_raise_and_skip(root, tok, tmp_path):

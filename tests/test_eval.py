@@ -186,8 +186,19 @@ def test_mme_scores_acc_plus_two_images():
     ("D", 3, None), ("E.", 4, None), ("A circle", 4, None), ("the answer is a circle", 4, None),
     ("square", 4, None), ("", 4, None), ("The answer is A. The answer is B.", 4, None),
 ])
-def test_parse_choice(text, n, expected):
-    assert parse_choice(text, n) == expected
+def test_lenient_parse_choice(text, n, expected):
+    assert parse_choice(text, n, lenient=True) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    # what ScienceQA's evaluator in LLaVA (eval_science_qa.py) accepts ...
+    ("B", "B"), (" C ", "C"), ("B. square", "B"), ("The answer is B.", "B"), ("I think The answer is D!", "D"),
+    # ... and what it scores as FAILED, however plain the intent
+    ("B.", None), ("b", None), ("C)", None), ("(B)", None), ("B) square", None), ("The answer is C", None),
+    ("the answer is B.", None), ("The answer is A. The answer is B.", None), ("E", None), ("", None),
+])
+def test_parse_choice_matches_the_official_scienceqa_evaluator(text, expected):
+    assert parse_choice(text, 4) == expected
 
 
 # --- toy suites (docs/formats.md) ------------------------------------------------------------------------------
@@ -272,7 +283,10 @@ def test_score_soc_vqa(suites):
 
 def test_score_soc_mc(suites):
     s = score_suite(suites["soc-mc"], {1: "(A)", 2: "The answer is C.", 3: "a"})
-    assert s["headline"] == pytest.approx(200 / 3)
+    # ScienceQA's evaluator fails "(A)" and "a"; the lenient parse beside it takes both
+    assert s["headline"] == 0.0 and s["details"]["lenient_accuracy"] == pytest.approx(200 / 3)
+    s = score_suite(suites["soc-mc"], {1: "A", 2: "B. circle", 3: "The answer is A."})
+    assert s["headline"] == pytest.approx(100.0)
     s = score_suite(suites["soc-mc"], {"1": "I don't know", "2": "B", "3": "E"})  # ids as strings match too
     assert s["headline"] == pytest.approx(100 / 3)
     assert s["details"]["unparsed"] == 2

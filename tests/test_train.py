@@ -167,6 +167,20 @@ def test_lora_resume_is_exact_and_saves_the_adapter_with_peft(data_root, tmp_pat
     assert part.peft_model is not None and part.lora_parameters()
 
 
+def test_resume_skips_a_damaged_checkpoint_naming_the_file(data_root, tmp_path, caplog):
+    over = ["train.stage0.steps=6", "train.checkpoint_every=2"]
+    cfg = load_config("micro", over)
+    run_stage(cfg, "stage0", data_root, tmp_path / "full", progress=False)
+    run_stage(cfg, "stage0", data_root, tmp_path / "cut", max_steps=5, progress=False)
+    broken = tmp_path / "cut" / "checkpoints" / "step-000004" / "server" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated, as by a full disk
+    with caplog.at_level("WARNING"):
+        run_stage(cfg, "stage0", data_root, tmp_path / "cut", resume=True, progress=False)
+    assert any(str(broken) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    full, cut = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "cut" / "metrics.jsonl")
+    assert len(cut) == 6 and full == pytest.approx(cut, abs=1e-6)  # resumed from step 2, exactly
+
+
 def test_sampler_is_a_deterministic_stream_of_epochs():
     a = sample_indices(10, 4, 8, seed=1)
     assert a == sample_indices(10, 4, 8, seed=1)

@@ -80,11 +80,12 @@ _FP16_MAX = 65504.0
 
 def normalization_stats(x: torch.Tensor, over: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, sigma) of the robust normalisation of x (..., C): per row over the last axis (shapes (..., 1)) for
-    over="sample", one pair over the whole tensor (0-d) for over="batch"; sigma is the population std."""
+    over="sample" (sigma the population std), one pair over the whole tensor (0-d) for over="batch" (sigma torch's
+    default unbiased std, as the paper's reference quantizer computes it, so that its indices are reproduced)."""
     if over == "sample":
         return x.mean(dim=-1, keepdim=True), x.std(dim=-1, keepdim=True, correction=0)
     if over == "batch":
-        return x.mean(), x.std(correction=0)
+        return x.mean(), x.std()
     raise ValueError(f"fsq normalisation: over must be one of {NORM_OVER}, got {over!r}")
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import questions as Q
 from .templates import get_template
+from .errors import DataError
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from .world import Layout, Scene, sample_glyph, sample_shape, sample_soc, render
 
@@ -101,18 +102,28 @@ def _sha256(path: Path) -> str:
 
 
 def _cache_valid(root: Path, settings: dict[str, Any]) -> bool:
+    """True when `root` holds the data of `settings` as generated; False when it holds other settings (or none).
+    Raises DataError when it holds these settings but its files were changed since (a hand edit is never
+    overwritten silently)."""
     man = read_manifest(root)
     if not man or man.get("generator_version") != GENERATOR_VERSION or man.get("settings") != settings:
         return False
     for rel, digest in man.get("files", {}).items():
         p = root / rel
         if not p.is_file() or _sha256(p) != digest:
-            return False
+            raise _edited(root, rel, "missing" if not p.is_file() else "changed")
     for split, count in man.get("images", {}).get("per_split", {}).items():
         d = root / "images" / split
-        if not d.is_dir() or sum(1 for e in d.iterdir() if e.suffix == ".png") != count:
-            return False
+        found = sum(1 for e in d.iterdir() if e.suffix == ".png") if d.is_dir() else 0
+        if found != count:
+            raise _edited(root, f"images/{split}", f"{found} images where {count} were generated")
     return True
+
+
+def _edited(root: Path, rel: str, what: str) -> DataError:
+    return DataError(root / rel, "edited_data", f"{what} since the data was generated (manifest.json); qtllava "
+                     "does not overwrite hand edits: restore the file, or regenerate everything with `qtllava data "
+                     f"make --force` (or choose another data root)")
 
 
 _OUTPUTS = ("manifest.json", "captions.json", "instruct_train.json", "instruct_val.json", "scenes.jsonl",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,13 +41,38 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REASONS = ("missing_image", "corrupt_image", "schema", "placeholder_mismatch", "empty_answer", "too_long")
+REASONS = ("missing_image", "corrupt_image", "image_too_large", "outside_image_folder", "schema",
+           "placeholder_mismatch", "empty_answer", "too_long")
+# the most pixels an input image may have (width x height), checked from its header before it is decoded: a small
+# file can decode to gigabytes (a 20000 x 20000 PNG); LLaVA's images are under 1 M pixels
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image's header announces more than MAX_IMAGE_PIXELS pixels."""
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """Image.open with the size checked from the header first (and PIL's own decompression-bomb error mapped)."""
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from e
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageTooLarge(f"{w} x {h} pixels, more than {MAX_IMAGE_PIXELS}")
+    return im
 
 
 def load_image(path: str | Path, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image -> bicubic resize to image_size x image_size -> (x/255 - mean)/std as a float32 (3, H, W) tensor."""
-    with Image.open(path) as im:
-        return image_to_tensor(im, image_size, mean, std)
+    """RGB image -> bicubic resize to image_size x image_size -> (x/255 - mean)/std as a float32 (3, H, W) tensor.
+    Raises ImageTooLarge (a ValueError) for an image of more than MAX_IMAGE_PIXELS pixels, before decoding it."""
+    with _open_image(path) as im:
+        try:
+            return image_to_tensor(im, image_size, mean, std)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(str(e)) from e
 
 
 def image_to_tensor(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -64,8 +90,11 @@ def _check_image_file(p: Path) -> str | None:
     if not p.is_file():
         return "missing_image"
     try:
-        with Image.open(p) as im:
+        with _open_image(p) as im:
             im.verify()
+    except ImageTooLarge as e:
+        log.debug("image %s too large: %s", p, e)
+        return "image_too_large"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL raises all of these
         log.debug("corrupt image %s: %s", p, e)
         return "corrupt_image"
@@ -88,9 +117,11 @@ class _Base(Dataset):
     def __init__(self, path: str | Path, image_folder: str | Path, tokenizer: PreTrainedTokenizerBase,
                  template: str | Template, image_size: int, num_image_tokens: int, max_length: int | None,
                  image_mean: Sequence[float], image_std: Sequence[float], skip_bad: bool,
-                 check_images: bool) -> None:
+                 check_images: bool, allow_outside_images: bool = False) -> None:
         self.path = Path(path)
         self.image_folder = Path(image_folder)
+        # image paths must resolve inside image_folder ("../" or absolute paths are refused) unless allowed
+        self.allow_outside_images = allow_outside_images
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer)
         self.image_size = int(image_size)
@@ -136,7 +167,13 @@ class _Base(Dataset):
 
     def _resolve_images(self, index: int, rid: object, rels: list[str]) -> tuple[Path, ...]:
         paths = tuple(self.image_folder / r for r in rels)
+        root = os.path.normpath(self.image_folder)
         for rel, p in zip(rels, paths):
+            # by the names the record gives (absolute, "../"); links the folder's owner put inside it are followed
+            inside = not os.path.isabs(rel) and os.path.normpath(p).startswith(root + os.sep)
+            if not self.allow_outside_images and not inside:
+                raise self._err("outside_image_folder", f"image {rel[:200]!r} resolves outside the image folder "
+                                f"{self.image_folder} (allow_outside_images=True permits it)", index, rid)
             if self.check_images:
                 reason = _check_image_file(p)
             else:
@@ -173,6 +210,8 @@ class _Base(Dataset):
         for p in it.images:
             try:
                 out.append(load_image(p, self.image_size, self.image_mean, self.image_std))
+            except ImageTooLarge as e:
+                raise self._err("image_too_large", f"image {p}: {e}", index, it.id) from e
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 raise self._err("corrupt_image", f"image {p}: {e}", index, it.id) from e
         return torch.stack(out)
@@ -201,9 +240,9 @@ class LlavaDataset(_Base):
     def __init__(self, json_path: str | Path, image_folder: str | Path, tokenizer: PreTrainedTokenizerBase,
                  template: str | Template, image_size: int, num_image_tokens: int, max_length: int,
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
-                 skip_bad: bool = False, check_images: bool = True) -> None:
+                 skip_bad: bool = False, check_images: bool = True, allow_outside_images: bool = False) -> None:
         super().__init__(json_path, image_folder, tokenizer, template, image_size, num_image_tokens, max_length,
-                         image_mean, image_std, skip_bad, check_images)
+                         image_mean, image_std, skip_bad, check_images, allow_outside_images)
 
     @classmethod
     def load(cls, *args: Any, **kwargs: Any) -> "LlavaDataset":
@@ -360,9 +399,11 @@ class EvalQuestions(_Base):
     def __init__(self, questions: str | Path, image_folder: str | Path, tokenizer: PreTrainedTokenizerBase,
                  template: str | Template, image_size: int, num_image_tokens: int,
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
-                 max_length: int | None = None, skip_bad: bool = False, check_images: bool = True) -> None:
+                 max_length: int | None = None, skip_bad: bool = False, check_images: bool = True,
+                 allow_outside_images: bool = False) -> None:
         super().__init__(_questions_file(questions), image_folder, tokenizer, template, image_size,
-                         num_image_tokens, max_length, image_mean, image_std, skip_bad, check_images)
+                         num_image_tokens, max_length, image_mean, image_std, skip_bad, check_images,
+                         allow_outside_images)
         self._meta: list[dict[str, Any]] = []
 
     @classmethod

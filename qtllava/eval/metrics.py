@@ -5,7 +5,8 @@
   leave-one-annotator-out soft accuracy).
 * `pope_scores`: POPE's ``evaluate.py`` (first sentence, "No"/"not"/"no" as words means no, otherwise yes).
 * `mme_scores`: MME's ``calculation.py`` (acc, acc+ and score = 100 x (acc + acc+)).
-* `parse_choice`: ScienceQA-style option letter parsing (LLaVA's ``eval_science_qa.py``, a little more lenient).
+* `parse_choice`: option letter parsing as ScienceQA's evaluator in LLaVA (``eval_science_qa.py``) does it, or a
+  lenient parse (`lenient=True`) that is reported beside it.
 
 Every function returns fractions in [0, 1] except `mme_scores`'s `score` (0..200); suites turn them into percent.
 """
@@ -236,17 +237,29 @@ _LEADING = re.compile(r"^\(?([A-Z])[.):](?:\s|$)")        # "B. text", "B) text"
 _ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE)
 
 
-def parse_choice(text: str, n_choices: int) -> str | None:
-    """The option letter a free-text answer picks among the first `n_choices` letters, or None.
+_OFFICIAL_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
-    Accepted (ScienceQA-style): "B", "b", "B.", "(B)", "B)", "B. text", "B) text", "(B) text", "The answer is B.",
-    "answer is (B)". A letter outside the first `n_choices`, an article-like leading "A circle" or several
-    conflicting "answer is" letters give None.
+
+def parse_choice(text: str, n_choices: int, lenient: bool = False) -> str | None:
+    """The option letter a free-text answer picks among the first `n_choices` letters, or None (FAILED).
+
+    Default: exactly the rules of ScienceQA's evaluator in LLaVA (`eval_science_qa.py`), on the stripped answer:
+    the letter alone ("B"), the letter followed by ". " ("B. square"), or exactly one "The answer is B" followed
+    by one more character. "B.", "b", "(B)", "C)" and "The answer is C" at the very end are FAILED there, so here.
+    `lenient=True` also accepts "b", "B.", "(B)", "B)", "B) text", "(B) text", "answer is (B)"; an article-like
+    leading "A circle" or several conflicting "answer is" letters still give None.
     """
     if not 1 <= n_choices <= len(OPTION_LETTERS):
         raise ValueError(f"parse_choice: n_choices must be in 1..{len(OPTION_LETTERS)}, got {n_choices}")
     valid = OPTION_LETTERS[:n_choices]
     t = text.strip()
+    if not lenient:
+        if len(t) == 1 and t in valid:
+            return t
+        if len(t) >= 3 and t[0] in valid and t[1:3] == ". ":
+            return t[0]
+        found = _OFFICIAL_ANSWER_IS.findall(t)
+        return found[0] if len(found) == 1 and found[0] in valid else None
     letter: str | None = None
     m = _ALONE.match(t)
     if m:

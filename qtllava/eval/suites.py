@@ -158,14 +158,19 @@ def _score_vqa(name: str, records: Sequence[Mapping[str, Any]], preds: Sequence[
 
 
 def _score_mc(records: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> tuple[float, dict]:
-    scores, unparsed = [], 0
+    """Letter accuracy under ScienceQA's official parse (the headline), and under a lenient parse beside it."""
+    scores, lenient, unparsed = [], [], 0
     for r, p in zip(records, preds):
-        n = len(r["choices"])
-        letter = parse_choice(p, min(max(n, 1), len(OPTION_LETTERS)))
+        n = min(max(len(r["choices"]), 1), len(OPTION_LETTERS))
+        truth = str(r["answer"]).strip().upper()
+        letter = parse_choice(p, n)
         unparsed += letter is None
-        scores.append(float(letter is not None and letter == str(r["answer"]).strip().upper()))
+        scores.append(float(letter is not None and letter == truth))
+        loose = parse_choice(p, n, lenient=True)
+        lenient.append(float(loose is not None and loose == truth))
     acc = 100.0 * float(np.mean(scores))
-    return acc, {"accuracy": acc, "unparsed": unparsed, "per_type": _per_type(records, scores)}
+    return acc, {"accuracy": acc, "unparsed": unparsed, "lenient_accuracy": 100.0 * float(np.mean(lenient)),
+                 "per_type": _per_type(records, scores)}
 
 
 def _score_pope(records: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> tuple[float, dict]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, resolve_tokenizer
 from qtllava.data.templates import template_name
 from qtllava.model.parts import CONFIG_NAME, WEIGHTS_NAME, ClientPart, ServerPart, build_parts, saved_weights
+from qtllava.train.checkpoints import newest_intact, write_atomic
 from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
@@ -81,9 +80,8 @@ def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("step-*"))
-    ckpts = [c for c in ckpts if (c / "DONE").exists()]
-    return ckpts[-1] if ckpts else None
+    """The newest intact checkpoint of a stage folder (damaged ones are skipped with a warning naming the file)."""
+    return newest_intact((out_dir / "checkpoints").glob("step-*"), key=lambda c: c.name)
 
 
 def sample_indices(n: int, batch: int, position: int, seed: int) -> list[int]:
@@ -118,20 +116,14 @@ class StageRun:
 
 
 def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRuntime | None, cfg: Config) -> Path:
-    """Write to a temporary folder and rename, so a crash never leaves a half checkpoint behind."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if server_rt is not None:
-        server_rt.save(tmp)
-    client_rt.save(tmp)
-    (tmp / "config.toml").write_text(to_toml(cfg))
-    (tmp / "DONE").write_text("")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    """Both halves (the server's where it runs here) and the configuration, written atomically with a manifest."""
+    def fill(folder: Path) -> None:
+        if server_rt is not None:
+            server_rt.save(folder)
+        client_rt.save(folder)
+        (folder / "config.toml").write_text(to_toml(cfg))
+
+    return write_atomic(final, fill)
 
 
 def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | None = None,
@@ -404,14 +396,9 @@ _RECOVERABLE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
 
 def _checkpoint_at_or_below(out_dir: Path, step: int) -> tuple[Path, int] | None:
-    found = []
-    for c in (out_dir / "checkpoints").glob("step-*"):
-        if (c / "DONE").exists() and c.name[5:].isdigit() and int(c.name[5:]) <= step:
-            found.append((int(c.name[5:]), c))
-    if not found:
-        return None
-    k, c = max(found)
-    return c, k
+    found = [c for c in (out_dir / "checkpoints").glob("step-*") if c.name[5:].isdigit() and int(c.name[5:]) <= step]
+    c = newest_intact(found, key=lambda c: int(c.name[5:]))
+    return (c, int(c.name[5:])) if c is not None else None
 
 
 def _rejoin(client_rt: ClientRuntime, out_dir: Path, step: int) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import threading
@@ -36,6 +35,7 @@ from qtllava.compress.base import Packet, PacketError
 from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names, merge_rows
 from qtllava.config import Config, config_hash, to_dict
 from qtllava.model.parts import IGNORE_INDEX, Layout, ServerPart
+from qtllava.train.checkpoints import newest_intact, write_atomic
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.ucut import check_cut, identity_head, predicting_mask
 from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb
@@ -626,17 +626,8 @@ class ServerRuntime:
         return path
 
     def _save_atomic(self, final: Path) -> Path:
-        """Write to a temporary folder and rename, so a crash never leaves a half checkpoint behind."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.save(tmp)
-        (tmp / "DONE").write_text("")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+        """Write to a temporary folder with a manifest and rename (`checkpoints.write_atomic`)."""
+        return write_atomic(final, self.save)
 
     def load(self, path: str | Path, session: str | None = None) -> None:
         """Restore weights, optimizer and RNG from `path`; all sessions (session=None) or only the named one."""
@@ -672,8 +663,8 @@ class ServerRuntime:
         return sorted(found, key=_step_of)
 
     def _session_checkpoint(self, sid: str, step: int) -> Path | None:
-        below = [d for d in self._session_checkpoints(sid) if _step_of(d) <= step]
-        return below[-1] if below else None
+        """This session's newest intact checkpoint at or below `step`."""
+        return newest_intact([d for d in self._session_checkpoints(sid) if _step_of(d) <= step], key=_step_of)
 
     def latest_checkpoint(self) -> Path | None:
         """The most recently written session checkpoint (what `--resume` of a restarted server loads)."""
@@ -681,9 +672,14 @@ class ServerRuntime:
             return None
         found = [d for d in self.checkpoint_dir.glob("*/step-*") if _STEP_DIR.match(d.name)
                  and (d / "DONE").exists()]
-        if not found:
-            return None
-        return max(found, key=lambda d: json.loads((d / "server_state.json").read_text()).get("saved_ns", 0))
+
+        def saved_at(d: Path) -> int:
+            try:
+                return int(json.loads((d / "server_state.json").read_text()).get("saved_ns", 0))
+            except (OSError, ValueError):
+                return -1  # unreadable: the manifest check names the file
+
+        return newest_intact(found, key=saved_at)
 
 
 def _step_of(path: Path) -> int:
