@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
     link = _grpc_link(args, cfg) if args.server else None
     text = evaluate_checkpoint(cfg, Path(args.checkpoint), data_root=_data_root(cfg, args), out=args.out,
                                suites=args.suites, limit=args.limit, questions=args.questions,
-                               answers=args.answers, link=link)
+                               answers=args.answers, link=link, image_folder=args.image_folder)
     print(text)
     return 0
 
@@ -249,12 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="answer the benchmark suites (or a LLaVA question file) with a checkpoint")
     common(sp)
-    sp.add_argument("--checkpoint", required=True, help="a stage's final folder (client/ + server/)")
+    sp.add_argument("--checkpoint", required=True,
+                    help="a stage's final folder (client/ + server/), or a two-process stage's folder")
     sp.add_argument("--suites", nargs="*", help="suite names (default: all five)")
     sp.add_argument("--limit", type=int, help="questions per suite (default: eval.limit)")
     sp.add_argument("--out", help="write the results JSON here")
     sp.add_argument("--questions", help="a LLaVA-format question JSONL file to answer instead of the suites")
     sp.add_argument("--answers", help="where to write the answers JSONL (with --questions)")
+    sp.add_argument("--image-folder", help="the images of --questions (default: the data root's images/)")
     sp.add_argument("--server", help="generate across the split: HOST:PORT of a `qtllava serve` process")
     _client_flags(sp, server=False)
     sp.set_defaults(func=cmd_eval)

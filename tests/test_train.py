@@ -302,3 +302,36 @@ def test_codecs_from_stage_2_send_fp16_in_stage_1_and_fit_the_image_decoder(data
         stage_parts(cfg, "stage2", data_root, r1.final, sides=("server",))
     with pytest.raises(ValueError, match="first_stage"):
         stage_parts(load_config("micro", ["compress.first_stage=0"]), "stage1", data_root, r0.final)
+
+
+def test_eval_answers_a_question_file_from_its_own_image_folder_and_a_two_process_folder(data_root, tmp_path):
+    """`qtllava eval --questions Q --image-folder DIR --answers A` needs neither the data root nor a tokenizer
+    beside it (the final folder carries its tokenizer and configuration), and takes a two-process run's stage
+    folder (client/final/client + server/final/server) as it takes an in-process final folder."""
+    import shutil
+
+    from qtllava.cli import main
+
+    cfg = load_config("micro", ["train.stage0.steps=2"])
+    final = run_stage(cfg, "stage0", data_root, tmp_path / "s0", progress=False).final
+    assert (final / "tokenizer" / "tokenizer.json").is_file()
+    lines = [json.loads(x) for x in (data_root / "suites" / "soc-vqa" / "questions.jsonl").read_text().splitlines()]
+    pics = tmp_path / "my pictures"
+    pics.mkdir()
+    with (tmp_path / "q.jsonl").open("w") as f:
+        for i, q in enumerate(lines[:3]):
+            shutil.copy(data_root / "images" / q["image"], pics / f"photo{i}.png")
+            f.write(json.dumps({"question_id": f"q{i}", "image": f"photo{i}.png", "text": q["text"]}) + "\n")
+    split = tmp_path / "two-process"
+    shutil.copytree(final / "client", split / "client" / "final" / "client")
+    shutil.copytree(final / "tokenizer", split / "client" / "final" / "tokenizer")
+    shutil.copytree(final / "server", split / "server" / "final" / "server")
+    answers = []
+    for checkpoint in (final, split):
+        out = tmp_path / f"{checkpoint.name}.jsonl"
+        assert main(["eval", "--config", "micro", "--data", str(tmp_path / "no-such-root"), "--checkpoint",
+                     str(checkpoint), "--questions", str(tmp_path / "q.jsonl"), "--image-folder", str(pics),
+                     "--answers", str(out)]) == 0
+        answers.append([json.loads(x) for x in out.read_text().splitlines()])
+    texts = [[(a["question_id"], a["text"]) for a in run] for run in answers]
+    assert [q for q, _ in texts[0]] == ["q0", "q1", "q2"] and texts[0] == texts[1]

@@ -134,3 +134,34 @@ def test_tokens_file(tmp_path):
     f.write_text("alice\n")
     with pytest.raises(ValueError, match="name=token"):
         read_tokens(f)
+
+
+def test_strangers_with_unfinished_requests_hold_no_worker(echo_server):
+    """Twelve calls without a token whose request never finishes (more than the server's 8 workers; a unary
+    Handshake whose body never comes, a StepStream whose second chunk never comes) are refused UNAUTHENTICATED from
+    their metadata alone, and an honest client's handshake still answers at once."""
+    _, port = echo_server
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    never = threading.Event()
+
+    def stalled(first: bool):
+        if first:
+            yield pb.Chunk(kind="step", index=0, count=2, data=b"x").SerializeToString()
+        never.wait(30)
+        yield from ()
+
+    calls = [channel.stream_stream(f"/qtllava.split.v1.Split/{'StepStream' if i % 2 else 'Handshake'}")(
+        stalled(bool(i % 2)), metadata=(("x-qtllava-client", "mallory"),)) for i in range(12)]
+    try:
+        codes = []
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(call))
+            codes.append(e.value.code())
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        t0 = time.perf_counter()
+        assert _link(port).handshake(pb.Hello(protocol_version=1, client_name="alice")).session_id == "s1"
+        assert time.perf_counter() - t0 < 2.0
+    finally:
+        never.set()
+        channel.close()

@@ -19,17 +19,47 @@ from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.server_runtime import ServerRuntime
 from qtllava.wire.loopback import LoopbackLink
 
-__all__ = ["load_runtime", "make_answer_fn", "evaluate_checkpoint_results", "evaluate_checkpoint"]
+__all__ = ["load_runtime", "make_answer_fn", "evaluate_checkpoint_results", "evaluate_checkpoint", "checkpoint_halves",
+           "checkpoint_tokenizer"]
 
 log = logging.getLogger(__name__)
 
 
+def checkpoint_halves(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """(client folder, server folder or None) of a checkpoint: a stage's final folder (client/ + server/), or the
+    folder of a two-process stage (client/final/client + server/final/server), or a client's final folder alone
+    (its server half is then reached over `--server`). Raises FileNotFoundError naming what is missing."""
+    root = Path(checkpoint)
+    for client, server in ((root / "client", root / "server"),
+                           (root / "client" / "final" / "client", root / "server" / "final" / "server")):
+        if (client / "config.json").is_file():
+            return client, server if (server / "config.json").is_file() else None
+    raise FileNotFoundError(f"{root}: not a checkpoint folder (neither client/ nor client/final/client/ with a saved "
+                            "client part inside); pass a stage's final/ or a two-process stage's folder")
+
+
+def checkpoint_tokenizer(cfg: Config, checkpoint: str | Path, data_root: Path | None):
+    """The tokenizer a checkpoint was trained with: the one saved in its final folder, else the configuration's
+    (`llm.pretrained`'s, `data.tokenizer` or the data root's)."""
+    from qtllava.data import load_tokenizer
+    from qtllava.train.loop import TOKENIZER_DIR, load_tokenizer_for
+
+    client, _ = checkpoint_halves(checkpoint)
+    for folder in (client.parent / TOKENIZER_DIR, client.parent.parent / TOKENIZER_DIR):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return load_tokenizer(folder)
+    return load_tokenizer_for(cfg, Path(data_root) if data_root is not None else Path(cfg.data.root))
+
+
 def load_runtime(cfg: Config, checkpoint: Path, link=None) -> tuple[ClientRuntime, Any]:
-    """Client runtime on a checkpoint's client part; in-process server from the same folder unless `link`."""
-    client = ClientPart.from_pretrained(Path(checkpoint) / "client")
+    """Client runtime on a checkpoint's client part; in-process server from the same checkpoint unless `link`."""
+    client_dir, server_dir = checkpoint_halves(checkpoint)
+    client = ClientPart.from_pretrained(client_dir)
     part_cfg = client.cfg
     if link is None:
-        server = ServerPart.from_pretrained(Path(checkpoint) / "server")
+        if server_dir is None:
+            raise FileNotFoundError(f"{checkpoint}: holds no server half; answer through a server with --server")
+        server = ServerPart.from_pretrained(server_dir)
         link = LoopbackLink(ServerRuntime(server, server.cfg, stage=None))
     rt = ClientRuntime(client, part_cfg, link, stage=None)
     rt.connect()
@@ -76,10 +106,9 @@ def evaluate_checkpoint_results(cfg: Config, checkpoint: Path, data_root: Path, 
                                 limit: int | None = None, link=None) -> dict:
     """Answer and score the benchmark suites; returns the runner's results dict (per suite ours/chance/majority)."""
     from qtllava.eval.runner import evaluate
-    from qtllava.train.loop import load_tokenizer_for
 
     data_root = Path(data_root)
-    tok = load_tokenizer_for(cfg, data_root)
+    tok = checkpoint_tokenizer(cfg, checkpoint, data_root)
     rt, _ = load_runtime(cfg, checkpoint, link)
     if image_token_id(tok) != rt.part.image_token_id:
         raise ValueError(f"{checkpoint}: image token id {rt.part.image_token_id} differs from the tokenizer's "
@@ -94,21 +123,23 @@ def evaluate_checkpoint_results(cfg: Config, checkpoint: Path, data_root: Path, 
     return results
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: Path, data_root: Path, out: str | None = None,
+def evaluate_checkpoint(cfg: Config, checkpoint: Path, data_root: Path | None, out: str | None = None,
                         suites: Sequence[str] | None = None, limit: int | None = None, questions: str | None = None,
-                        answers: str | None = None, link=None) -> str:
-    """CLI entry: score the suites (table text), or answer a LLaVA question file into `answers`."""
+                        answers: str | None = None, link=None, image_folder: str | Path | None = None) -> str:
+    """CLI entry: score the suites (table text), or answer a LLaVA question file (`model_vqa` format) into
+    `answers`, its images under `image_folder` (default: the data root's images/). The tokenizer and chat template
+    come from the checkpoint (the configuration its client half was trained with)."""
     from qtllava.eval.runner import answer_question_file, format_table, write_results
-    from qtllava.train.loop import load_tokenizer_for
 
-    if not (Path(checkpoint) / "client").is_dir():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no client/ inside); pass a stage's final/")
+    client_dir, _ = checkpoint_halves(checkpoint)
     if questions:
         if not answers:
             raise ValueError("--questions needs --answers (where to write the answers JSONL)")
-        tok = load_tokenizer_for(cfg, Path(data_root))
+        part_cfg = ClientPart.config_of(client_dir)
+        tok = checkpoint_tokenizer(part_cfg, checkpoint, data_root)
         qpath = Path(questions)
-        where = _question_sets(cfg, Path(data_root), tok, [qpath], Path(data_root) / "images")
+        folder = Path(image_folder) if image_folder else Path(data_root or part_cfg.data.root) / "images"
+        where = _question_sets(part_cfg, Path(data_root or "."), tok, [qpath], folder)
         rt, _ = load_runtime(cfg, checkpoint, link)
         n = answer_question_file(qpath, make_answer_fn(rt, tok, where, cfg.eval.max_new_tokens), answers,
                                  batch_size=cfg.eval.batch_size)

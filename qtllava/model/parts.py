@@ -158,6 +158,11 @@ class ClientPart(nn.Module):
                      base_weights=_base_meta(self.base_weights))
         _save(self, Path(path), meta, self.base_weights)
 
+    @staticmethod
+    def config_of(path: str | Path) -> Config:
+        """The configuration a saved client part was trained with (read from its config.json alone)."""
+        return from_dict(_load_meta(Path(path), "client")["config"], base=Config())
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ClientPart":
         """Rebuild a client part from a folder written by `save_pretrained` (and the pretrained folder it names, if

@@ -41,6 +41,7 @@ __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_
 log = logging.getLogger(__name__)
 
 STAGES = ("stage0", "stage1", "stage2")
+TOKENIZER_DIR = "tokenizer"  # in a stage's final folder
 
 
 def stage_config(cfg: Config, stage: str) -> Config:
@@ -115,13 +116,17 @@ class StageRun:
     rollbacks: int = 0  # split mode: times the client rolled back to a common checkpoint with the server
 
 
-def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRuntime | None, cfg: Config) -> Path:
-    """Both halves (the server's where it runs here) and the configuration, written atomically with a manifest."""
+def _save_checkpoint(final: Path, client_rt: ClientRuntime, server_rt: ServerRuntime | None, cfg: Config,
+                     tok=None) -> Path:
+    """Both halves (the server's where it runs here), the configuration and, with `tok`, the tokenizer (a stage's
+    final folder carries it, so that it can be evaluated without the data root), written atomically."""
     def fill(folder: Path) -> None:
         if server_rt is not None:
             server_rt.save(folder)
         client_rt.save(folder)
         (folder / "config.toml").write_text(to_toml(cfg))
+        if tok is not None:
+            tok.save_pretrained(str(folder / TOKENIZER_DIR))
 
     return write_atomic(final, fill)
 
@@ -385,7 +390,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
         if remote:
             client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=end,
                                                            tag="final"))
-        _save_checkpoint(final, client_rt, server_rt, scfg)
+        _save_checkpoint(final, client_rt, server_rt, scfg, tok)
     if remote and end == st.steps:  # a client that stops early (max_steps) keeps its session for --resume
         client_rt.link.close(pb.Goodbye(session_id=client_rt.session_id))
     return StageRun(stage=stage, out_dir=out_dir, steps=end, final=final, wall_s=wall, last_loss=last_loss,

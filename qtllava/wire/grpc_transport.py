@@ -48,6 +48,11 @@ class ServerOptions:
     client_ca: str = ""  # set: mutual TLS, clients must present a certificate signed by this CA
     max_message_bytes: int = 64 * 1024 * 1024
     workers: int = 8
+    # calls in flight at once; more are refused with RESOURCE_EXHAUSTED instead of queueing behind stalled ones
+    max_concurrent_calls: int = 16
+    # HTTP/2 connections idle this long are closed; keepalive pings from clients more often than every 10 s (or
+    # without calls in flight) are refused by gRPC's ping policy
+    idle_seconds: float = 300.0
 
 
 @dataclass
@@ -201,12 +206,44 @@ def _certificate_name(context) -> str:
     return names[0].decode("utf-8", "replace") if names else ""
 
 
+class _TokenGate(grpc.ServerInterceptor):
+    """Checks the token in the call's metadata when the call arrives, before any request byte is read: an
+    unauthenticated call is answered UNAUTHENTICATED at once by a handler that never reads its request stream, so a
+    stranger who never finishes a request holds no worker."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+
+    def intercept_service(self, continuation, handler_call_details):
+        tokens = self.options.tokens
+        if tokens:
+            md = dict(handler_call_details.invocation_metadata or ())
+            name = md.get(CLIENT_KEY, "")
+            expected = tokens.get(name, tokens.get("*"))
+            presented = str(md.get(AUTH_KEY, "")).removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(presented, (expected or "\0invalid").encode()) or expected is None:
+                detail = f"bad or missing token for client {_bounded(name)}"
+
+                def refuse(request_iterator, context):
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
+
+                return grpc.stream_stream_rpc_method_handler(refuse)
+        return continuation(handler_call_details)
+
+
 def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
     """Start serving `handler`; returns (server, bound port). Call `server.stop(grace)` to end."""
     limit = options.max_message_bytes
+    idle_ms = int(options.idle_seconds * 1000)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers),
+                         interceptors=[_TokenGate(options)],
+                         maximum_concurrent_rpcs=options.max_concurrent_calls,
                          options=[("grpc.max_receive_message_length", limit),
-                                  ("grpc.max_send_message_length", limit)])
+                                  ("grpc.max_send_message_length", limit),
+                                  ("grpc.max_connection_idle_ms", idle_ms),
+                                  ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                                  ("grpc.http2.max_ping_strikes", 2),
+                                  ("grpc.keepalive_permit_without_calls", 0)])
     servicer = _Servicer(handler, options)
     # No (de)serializers: handlers see raw bytes and parse them, so malformed input maps to INVALID_ARGUMENT.
     handlers = {name: grpc.unary_unary_rpc_method_handler(partial(servicer.unary, kind))
