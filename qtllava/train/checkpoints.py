@@ -8,7 +8,6 @@ is skipped with a warning that names the file, and the one before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,20 +15,14 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from qtllava.model.weights import file_sha256
+
 __all__ = ["MANIFEST", "DONE", "write_atomic", "damage", "newest_intact"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 DONE = "DONE"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_atomic(final: Path, fill: Callable[[Path], None]) -> Path:
@@ -42,7 +35,7 @@ def write_atomic(final: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     fill(tmp)
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1) + "\n")
     (tmp / DONE).write_text("")
     if final.exists():
@@ -67,7 +60,7 @@ def damage(folder: Path) -> str | None:
         p = folder / rel
         if not p.is_file():
             return f"{p}: missing"
-        if _sha256(p) != digest:
+        if file_sha256(p) != digest:
             return f"{p}: damaged (its checksum differs from {MANIFEST})"
     return None
 
