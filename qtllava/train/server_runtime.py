@@ -38,7 +38,7 @@ from qtllava.model.parts import IGNORE_INDEX, Layout, ServerPart
 from qtllava.train.checkpoints import newest_intact, write_atomic
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.ucut import check_cut, identity_head, predicting_mask
-from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_to_bytes, labels_from_wire, pb
+from qtllava.wire.messages import PROTOCOL_VERSION, WireError, bounded, ids_to_bytes, labels_from_wire, pb
 
 __all__ = ["ServerRuntime", "SplitError", "describe_config_difference", "HASH_SECTIONS"]
 
@@ -60,17 +60,7 @@ class SplitError(RuntimeError):
         self.code = code
 
 
-def _short(value: object, limit: int = 80) -> str:
-    """`value` as it may appear in an error text: repr'd and cut to `limit` characters (input is untrusted)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    """Refuse (INVALID_ARGUMENT) a tensor with a NaN or infinity: it would poison the shared weights."""
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise SplitError(f"{what}: {bad} non-finite values (NaN or infinity)", "INVALID_ARGUMENT")
 
 
 def describe_config_difference(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
@@ -174,8 +164,8 @@ class ServerRuntime:
         """Open or resume a session. `peer`: the identity the transport authenticated ("" where it does not);
         a session belongs to the identity that opened it, and `client_name` must be that identity."""
         if peer and req.client_name and req.client_name != peer:
-            raise SplitError(f"client_name {_short(req.client_name)} is not the authenticated client "
-                             f"{_short(peer)}", "PERMISSION_DENIED")
+            raise SplitError(f"client_name {bounded(req.client_name)} is not the authenticated client "
+                             f"{bounded(peer)}", "PERMISSION_DENIED")
         if req.protocol_version != PROTOCOL_VERSION:
             raise SplitError(f"protocol version {req.protocol_version} not supported (server speaks "
                              f"{PROTOCOL_VERSION})", "FAILED_PRECONDITION")
@@ -247,7 +237,7 @@ class ServerRuntime:
     def _session(self, sid: str, peer: str = "", open_only: bool = True) -> Session:
         """The session `sid`, if `peer` owns it (PERMISSION_DENIED otherwise) and it is open."""
         if sid not in self.sessions:
-            raise SplitError(f"unknown session {_short(sid)}: call Handshake first", "FAILED_PRECONDITION")
+            raise SplitError(f"unknown session {bounded(sid)}: call Handshake first", "FAILED_PRECONDITION")
         sess = self.sessions[sid]
         self._check_owner(sess, peer)
         if open_only and sess.closed:
@@ -399,8 +389,9 @@ class ServerRuntime:
                 sess.reset_step()
                 raise self._refuse("non_finite", SplitError("the loss is not finite; the step is refused",
                                                             "INVALID_ARGUMENT"))
+        # accumulate in place: a refused micro-batch discards the session's whole step, so its sums need no copy
         for i, p in enumerate(self.trainable):
-            p.grad = sess.grads[i].clone() if sess.grads is not None and sess.grads[i] is not None else None
+            p.grad = sess.grads[i] if sess.grads is not None else None
         try:
             torch.autograd.backward(tensors, grads)
             new = [p.grad for p in self.trainable]
@@ -487,9 +478,6 @@ class ServerRuntime:
 
     def _apply(self, sess: Session, step_id: int, total_steps: int) -> None:
         if self.optimizer is not None:
-            if sess.grads is not None and not all(g is None or bool(torch.isfinite(g).all()) for g in sess.grads):
-                sess.reset_step()  # never reached through _backward; a last guard in front of the optimizer
-                raise self._refuse("non_finite", SplitError("non-finite gradient sums", "INVALID_ARGUMENT"))
             for i, p in enumerate(self.trainable):
                 p.grad = sess.grads[i] if sess.grads is not None else None
             if self.stage_cfg.max_grad_norm > 0:

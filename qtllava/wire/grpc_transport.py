@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qtllava.wire import split_pb2_grpc
-from qtllava.wire.messages import MESSAGE_TYPES, Link, Traffic, WireError, pb
+from qtllava.wire.messages import MESSAGE_TYPES, Link, Traffic, WireError, bounded, pb
 
 __all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError", "read_tokens",
            "SERVICE", "METHODS"]
@@ -122,15 +122,11 @@ class _Servicer:
         if not tokens:
             return _certificate_name(context)
         md = dict(context.invocation_metadata())
-        given = md.get(AUTH_KEY, "")
-        name = md.get(CLIENT_KEY, "")
-        expected = tokens.get(name, tokens.get("*"))
-        presented = given.removeprefix("Bearer ").encode()
-        # Compare against a dummy when the client is unknown, so timing does not tell names apart.
-        ok = hmac.compare_digest(presented, (expected or "\0invalid").encode())
-        if not ok or expected is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"bad or missing token for client {_bounded(name)}")
-        return name if name in tokens else _certificate_name(context)
+        name = _token_name(tokens, md)
+        if name is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"bad or missing token for client {bounded(md.get(CLIENT_KEY, ''))}")
+        return name or _certificate_name(context)
 
     def _dispatch(self, kind: str, request, context, peer: str = ""):
         try:
@@ -143,7 +139,7 @@ class _Servicer:
                     else grpc.StatusCode.INTERNAL
             if status == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", kind)
-            context.abort(status, _bounded(str(e), 1000))
+            context.abort(status, bounded(e, 1000, quote=False))
 
     @staticmethod
     def _parse(kind: str, data: bytes, context):
@@ -191,10 +187,16 @@ class _Servicer:
             yield pb.Chunk(kind="step_reply", index=i, count=n, data=data).SerializeToString()
 
 
-def _bounded(text: str, limit: int = 80) -> str:
-    """Untrusted text as it may appear in an error: repr'd and cut to `limit` characters."""
-    text = repr(text) if limit <= 80 else text
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _token_name(tokens: dict[str, str], metadata: dict) -> str | None:
+    """The client a call's token authenticates: its name under per-client keys, "" under the shared token ("*"),
+    None when the token is wrong or missing. Compared in constant time, against a dummy for an unknown name, so
+    that timing does not tell names apart."""
+    name = str(metadata.get(CLIENT_KEY, ""))
+    expected = tokens.get(name, tokens.get("*"))
+    presented = str(metadata.get(AUTH_KEY, "")).removeprefix("Bearer ").encode()
+    if not hmac.compare_digest(presented, (expected or "\0invalid").encode()) or expected is None:
+        return None
+    return name if name in tokens else ""
 
 
 def _certificate_name(context) -> str:
@@ -218,11 +220,8 @@ class _TokenGate(grpc.ServerInterceptor):
         tokens = self.options.tokens
         if tokens:
             md = dict(handler_call_details.invocation_metadata or ())
-            name = md.get(CLIENT_KEY, "")
-            expected = tokens.get(name, tokens.get("*"))
-            presented = str(md.get(AUTH_KEY, "")).removeprefix("Bearer ").encode()
-            if not hmac.compare_digest(presented, (expected or "\0invalid").encode()) or expected is None:
-                detail = f"bad or missing token for client {_bounded(name)}"
+            if _token_name(tokens, md) is None:
+                detail = f"bad or missing token for client {bounded(md.get(CLIENT_KEY, ''))}"
 
                 def refuse(request_iterator, context):
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)

@@ -20,6 +20,7 @@ __all__ = [
     "pb",
     "WireError",
     "labels_to_wire",
+    "bounded",
     "labels_from_wire",
     "ids_to_bytes",
     "ids_from_bytes",
@@ -43,6 +44,12 @@ MESSAGE_TYPES = {
 
 class WireError(ValueError):
     """A message is malformed or inconsistent (sizes that do not match its shape, unknown fields, ...)."""
+
+
+def bounded(value: object, limit: int = 80, quote: bool = True) -> str:
+    """Untrusted input as it may appear in an error text: repr'd (with `quote`) and cut to `limit` characters."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def labels_to_wire(labels: torch.Tensor, vocab_size: int) -> tuple[bytes, bytes, int]:
