@@ -33,10 +33,11 @@ bench-baseline: $(STAMP)
 	mkdir -p runs results
 	$(BIN)/python benchmarks/baseline.py --config $(PRESET) 2>&1 | tee -a runs/bench-baseline-$(PRESET).log
 
-# Rate-accuracy study (issue 6): ~20 runs from one stage-0 base; resumable.
+# Rate-accuracy study of a preset (configs/study/$(PRESET).toml): every configuration from one stage-0 base, several
+# seeds; days of background runs on 2 cores for smol; resumable (re-run to continue).
 bench-study: $(STAMP)
 	mkdir -p runs results
-	$(BIN)/python benchmarks/study.py 2>&1 | tee -a runs/study.log
+	$(BIN)/python benchmarks/study.py --preset $(PRESET) 2>&1 | tee -a runs/study-$(PRESET).log
 
 bench-codec: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
@@ -46,7 +47,7 @@ bench-codec: $(STAMP)
 bench-split: $(STAMP)
 	$(BIN)/python benchmarks/split.py
 
-# Attacks on what crosses the wire, per compressor (issue 7); Fashion-MNIST comes from Debian's package.
+# Attacks on what crosses the wire, per compressor; Fashion-MNIST comes from Debian's package.
 bench-privacy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y dataset-fashion-mnist) || \
 		echo "dataset-fashion-mnist not installed: the fashion image set is skipped"

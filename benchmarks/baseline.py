@@ -29,7 +29,7 @@ from qtllava.pipeline import run_pipeline
 FP16 = ['compress.image.name="identity"', 'compress.image.dtype="fp16"', 'compress.text.name="identity"',
         'compress.text.dtype="fp16"', 'compress.downlink="fp16"']
 # Per preset: long enough to learn the suites on 2 CPU cores. tiny: stage 0 about 70 min at 2 threads (12000 steps
-# were too short in three runs, docs/baseline.md). smol: the preset's own schedule (stage 0 about 2 h, stages 1-2
+# were too short in three runs, docs/experiments.md). smol: the preset's own schedule (stage 0 about 2 h, stages 1-2
 # about 40 min); the demo uses a short one.
 BASELINE_STEPS = {
     "tiny": ["train.stage0.steps=24000", "train.stage1.steps=300", "train.stage2.steps=800",
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--base", help="a finished stage-0 folder (client/ + server/) to start stage 1 from instead of "
                    "training stage 0, e.g. bases/smol-stage0")
     p.add_argument("--warm-start", help="stage 0 starts from this folder's client/ and server/ weights instead of "
-                   "fresh ones (e.g. benchmarks/lookup_probe.py scratch ... --save DIR)")
+                   "fresh ones (a finished stage folder with client/ and server/)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = BASELINE_STEPS.get(args.config, []) + args.set

@@ -43,7 +43,7 @@ LEVELS = (2, 4, 8, 16)
 ZSTD_LEVEL = 3  # zstd's default: what a user tries first
 
 
-# the study's fsq L = 4 rows (maps frozen, the default since session 7; any seed), then any finished tiny run
+# the study's fsq L = 4 rows (maps frozen, the default; any seed), then any finished tiny run
 DEFAULT_CHECKPOINTS = ("runs/study/fsq-L4-ans-clr0/seed*/stage2/final", "runs/baseline/stage2/final",
                        "runs/try-tiny/stage2/final")
 

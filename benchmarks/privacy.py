@@ -1,4 +1,4 @@
-"""What the wire reveals, per compressor (issue 7): image inversion, text recovery and label exposure.
+"""What the wire reveals, per compressor: image inversion, text recovery and label exposure.
 
     make bench-privacy                       # installs dataset-fashion-mnist (Debian) first, then runs this
     .venv/bin/python benchmarks/privacy.py   # resumable: finished configurations are skipped
@@ -368,5 +368,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

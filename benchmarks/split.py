@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from qtllava.compress import build_codec  # noqa: E402
-from qtllava.compress.grad import encode_grad  # noqa: E402
-from qtllava.config import CodecConfig, load_config  # noqa: E402
-from qtllava.wire.messages import labels_to_wire, pb  # noqa: E402
+from qtllava.compress import build_codec
+from qtllava.compress.grad import encode_grad
+from qtllava.config import CodecConfig, load_config
+from qtllava.wire.messages import labels_to_wire, pb
 
 log = logging.getLogger("bench-split")
 
@@ -51,7 +50,7 @@ CONFIGS = {  # name -> (uplink codec for both modalities, downlink gradient code
     "fp16": (CodecConfig(name="identity", dtype="fp16"), "fp16"),
     "fsq4-pack+int8": (CodecConfig(name="fsq", levels=4, coder="pack"), "int8"),
     "fsq4-ans+int8": (CodecConfig(name="fsq", levels=4, coder="ans"), "int8"),
-    # beyond the list: entropy-coded int8 and plain int4 gradients
+    # also entropy-coded int8 and plain int4 gradients
     "fsq4-ans+int8-ans": (CodecConfig(name="fsq", levels=4, coder="ans"), "int8-ans"),
     "fsq4-ans+int4": (CodecConfig(name="fsq", levels=4, coder="ans"), "int4"),
 }

@@ -1,12 +1,15 @@
-"""The rate-accuracy study (issue 6): from ONE stage-0 base, stages 1 and 2 for every configuration, same data, steps
-and seeds; accuracy on the five suites against the bits really sent in both directions.
+"""The rate-accuracy study: from ONE stage-0 base, stages 1 and 2 for every configuration, same data, steps and seeds;
+accuracy on the five suites against the bits really sent in both directions.
 
-    nohup .venv/bin/python benchmarks/study.py > runs/study.log 2>&1 &     # resumable; re-run to continue
-    .venv/bin/python benchmarks/study.py --report-only                      # rebuild results/ from finished runs
+    nohup .venv/bin/python benchmarks/study.py --preset smol > runs/study-smol.log 2>&1 &   # resumable
+    .venv/bin/python benchmarks/study.py --preset smol --report-only        # rebuild results/ from finished runs
 
-The base is the baseline benchmark's stage 0 (runs/baseline/stage0/final) when it exists, else it is trained here
-with the same steps. Jobs run as `qtllava pipeline --base ...` subprocesses, `--workers` at a time with one torch
-thread each (two busy 2-thread processes on 2 cores slow each other ~3x). Finished jobs are skipped.
+What is studied is data: configs/study/<preset>.toml names the base, the steps every row gets, the configurations
+(overrides on top of the preset, each with the question it answers and its target), the jobs in priority order and,
+where the preset has them, the configurations the project stands behind (`targets`). The fp16 row of seed 0 is the
+baseline benchmark's run (`reference_run`: the same base, steps and configuration) when it is finished. Jobs run as
+`qtllava pipeline --base ...` subprocesses, `workers` at a time with `threads` torch threads each. Finished jobs are
+skipped; an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,178 +23,77 @@ import platform
 import subprocess
 import sys
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline import BASELINE_STEPS  # noqa: E402  (stage 0: the same base as the 16-bit baseline)
-
-# Every configuration, the fp16 reference included, gets exactly the baseline's steps, so the baseline run itself
-# (runs/baseline: the fp16 configuration, seed 0, same base) is the study's fp16 / seed 0 row.
-STUDY_STEPS = BASELINE_STEPS
 
 log = logging.getLogger("study")
 
-
-def _codec(name: str, modalities: tuple[str, ...] = ("image", "text"), **kw) -> list[str]:
-    """Overrides that put codec `name` with settings `kw` on each of `modalities`."""
-    return [f"compress.{m}.{k}={json.dumps(v)}" for m in modalities for k, v in {"name": name, **kw}.items()]
-
-
-def _fsq(levels: int, coder: str, modalities: tuple[str, ...] = ("image", "text"), codec_lr: float = 1.0,
-         **kw) -> list[str]:
-    """fsq overrides; `codec_lr` = the maps' learning rate as a multiple of the stage's (stages 1 and 2). The rows
-    run before session 7 trained the maps at the stage's rate (1.0), so that is pinned here; 0 (frozen, the default
-    since) is the `-clr0` rows."""
-    return _codec("fsq", modalities, levels=levels, coder=coder, **kw) + \
-        [f"train.stage{i}.codec_lr_scale={codec_lr}" for i in (1, 2)]
-
-
-# name -> overrides; the downlink is fp16 (the 16-bit reference) unless the name says otherwise.
-CONFIGS: dict[str, list[str]] = {
-    "fp16": _codec("identity", dtype="fp16") + ['compress.downlink="fp16"'],
-    "fsq-L4-ans": _fsq(4, "ans") + ['compress.downlink="fp16"'],
-    # the paper's clipping at 3 std (ours: the Gaussian-optimal width for L, 1.49 std at L = 4)
-    "fsq-L4-ans-w3": _fsq(4, "ans", norm_width=3.0) + ['compress.downlink="fp16"'],
-    # no distortion loss (the paper: 0.25 x (1 - cos) per modality; its gradient also reaches the connector)
-    "fsq-L4-ans-d0": _fsq(4, "ans", distortion_weight=0.0) + ['compress.downlink="fp16"'],
-    # one modality compressed, the other fp16: which one costs the glyph words?
-    "fsq-L4-ans-image-only": _fsq(4, "ans", ("image",)) + ['compress.text.name="identity"', 'compress.downlink="fp16"'],
-    "fsq-L4-ans-text-only": _fsq(4, "ans", ("text",)) + ['compress.image.name="identity"', 'compress.downlink="fp16"'],
-    # the paper's codec: 3 std and no normalisation statistics sent (ours sends each row's mean and std)
-    "fsq-L4-ans-nostats": _fsq(4, "ans", send_stats=False, norm_width=3.0) + ['compress.downlink="fp16"'],
-    # the codecs' square maps frozen at their start (identity; the text decoder's least-squares fit) / at a tenth of
-    # the rate: is the glyph gap the maps' drift under Adam rather than the quantizer?
-    "fsq-L4-ans-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="fp16"'],
-    "fsq-L4-ans-clr0.1": _fsq(4, "ans", codec_lr=0.1) + ['compress.downlink="fp16"'],
-    # the targets again with the maps frozen (session 7): whole-step traffic, and one bit
-    "fsq-L4-ans-int4ans-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int4-ans"'],
-    "fsq-L2-ans-clr0": _fsq(2, "ans", codec_lr=0.0) + ['compress.downlink="fp16"'],
-    # int4 rounding to nearest zeroes every gradient element below 1/14 of its row's absmax; stochastic rounding
-    # keeps each one in expectation
-    "fsq-L4-ans-int4ans-sr-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int4-ans"',
-                                                                   "compress.stochastic_rounding=true"],
-    # the downlink budget split by what each gradient trains (session 13): the image rows' (the connector, which
-    # glyph reading depends on) on a 63-level grid, the text rows' (token embeddings only) ternary
-    "fsq-L4-ans-int6ans-t2ans-sr-clr0": _fsq(4, "ans", codec_lr=0.0) + [
-        'compress.downlink="int6-ans"', 'compress.downlink_text="int2-ans"', "compress.stochastic_rounding=true"],
-    # no text-row gradients at all (the client's token embeddings stay fixed in stages 1-2), the image rows' on the
-    # 63-level grid (session 13)
-    "fsq-L4-ans-int6ans-tnone-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int6-ans"',
-                                                                      'compress.downlink_text="none"'],
-    # the budget split the other way (session 13): the text rows' gradients (token embeddings) on the 63-level grid,
-    # the image rows' ternary
-    "fsq-L4-ans-int2ans-t6ans-sr-clr0": _fsq(4, "ans", codec_lr=0.0) + [
-        'compress.downlink="int2-ans"', 'compress.downlink_text="int6-ans"', "compress.stochastic_rounding=true"],
-    # which rows' int4 gradients cost the glyph words: the image rows' alone, the text rows' alone (session 13)
-    "fsq-L4-ans-int4ans-image-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int4-ans"',
-                                                                      'compress.downlink_text="fp16"'],
-    "fsq-L4-ans-int4ans-text-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="fp16"',
-                                                                     'compress.downlink_text="int4-ans"'],
-    # text rows merged by token (session 14): one summed gradient row per distinct token (78 of 512 text rows a
-    # batch), exact for the token embeddings, so the text rows' gradients fit int8-ans inside the budget; the image
-    # rows' on int4-ans (only the text rows changed against fsq-L4-ans-int4ans-clr0) or int5-ans
-    "fsq-L4-ans-int4ans-tm8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + [
-        'compress.downlink="int4-ans"', 'compress.downlink_text="int8-ans"', "compress.merge_text_rows=true"],
-    "fsq-L4-ans-int5ans-tm8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + [
-        'compress.downlink="int5-ans"', 'compress.downlink_text="int8-ans"', "compress.merge_text_rows=true"],
-    # is the fp16 downlink's edge over every integer grid real (session 14: merged int8-ans text rows and int5-ans
-    # image rows update the client as faithfully as fp16, yet glyph stays 2.6-3.5 points lower)? The exact downlink
-    # and int8-ans with the maps frozen, against fsq-L4-ans-clr0 (fp16 downlink)
-    "fsq-L4-ans-fp32-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="fp32"'],
-    "fsq-L4-ans-int8ans-clr0": _fsq(4, "ans", codec_lr=0.0) + ['compress.downlink="int8-ans"'],
-    # one bit (session 16): which modality's one-bit rows cost the glyph words, the image rows' or the text rows'?
-    "fsq-L2-ans-image-clr0": _fsq(2, "ans", ("image",), codec_lr=0.0) + ['compress.text.name="identity"',
-                                                                          'compress.downlink="fp16"'],
-    "fsq-L2-ans-text-clr0": _fsq(2, "ans", ("text",), codec_lr=0.0) + ['compress.image.name="identity"',
-                                                                        'compress.downlink="fp16"'],
-    # a stage 1 three times as long (900 steps: the connector, trained from scratch in stage 1, learns the one-bit
-    # code while the LLM is frozen), for fp16 as well; these rows are compared with fp16-s1x3 (see REFERENCES)
-    "fp16-s1x3": _codec("identity", dtype="fp16") + ['compress.downlink="fp16"', "train.stage1.steps=900"],
-    "fsq-L2-ans-clr0-s1x3": _fsq(2, "ans", codec_lr=0.0) + ['compress.downlink="fp16"', "train.stage1.steps=900"],
-    # the maps learned in stage 1 only (at the stage's rate), frozen in stage 2: at one bit a frozen identity
-    # decoder hands the LLM rows whose elements all have one magnitude (+-sigma about the row mean); a learned
-    # decoder can mix the bits into any linear image of them. Stage 1 trains against a frozen LLM, so maps that
-    # move there do not move under an LLM that is learning (the drift of session 7 was measured with the maps
-    # learned in both stages)
-    "fsq-L2-ans-clrs1": _fsq(2, "ans", codec_lr=0.0) + ["train.stage1.codec_lr_scale=1.0",
-                                                         'compress.downlink="fp16"'],
-    # the paper's clipping at 3 std, at one bit: with the statistics sent the forward value of an L = 2 code does not
-    # depend on the width (every element is mu +- sigma), but the clamp of the normalisation stops the gradient of
-    # every element outside it, and the Gaussian-optimal width for L = 2 (0.80 std) clamps 43 % of a Gaussian row,
-    # more as the distortion loss pushes the rows to +-1
-    "fsq-L2-ans-w3-clr0": _fsq(2, "ans", codec_lr=0.0, norm_width=3.0) + ['compress.downlink="fp16"'],
-    # a distortion weight four times the paper's 0.25 at one bit
-    "fsq-L2-ans-dw1-clr0": _fsq(2, "ans", codec_lr=0.0, distortion_weight=1.0) + ['compress.downlink="fp16"'],
-    # one bit from stage 2 on (session 17): stage 1 sends fp16 (it is fp16's stage 1, bit for bit), so the connector
-    # learns the LLM's input unquantized; stage 2 starts fresh codecs and fits the image decoder once by least
-    # squares on the trained connector's rows (loop.fit_image_decoder), then keeps both maps frozen. The frozen
-    # identity decoder loses 20-40 % of a one-bit row's variance, a fitted one 0.7-4 % (session 16's refit probe);
-    # refitted every 10 steps under a connector trained from scratch it destabilised stage 1. Bits per element are
-    # stage 2's, as in every row; stage 1's traffic is fp16's
-    "fsq-L2-ans-from2-clr0": _fsq(2, "ans", codec_lr=0.0) + ['compress.downlink="fp16"', "compress.first_stage=2"],
-    "fsq-L4-ans-int8": _fsq(4, "ans") + ['compress.downlink="int8"'],
-    "fsq-L4-ans-int4": _fsq(4, "ans") + ['compress.downlink="int4"'],
-    "fsq-L4-ans-int4ans": _fsq(4, "ans") + ['compress.downlink="int4-ans"'],
-    "fsq-L4-ans-int8ans": _fsq(4, "ans") + ['compress.downlink="int8-ans"'],
-    "fsq-L2-ans": _fsq(2, "ans") + ['compress.downlink="fp16"'],
-    "fsq-L4-pack": _fsq(4, "pack") + ['compress.downlink="fp16"'],
-    "fsq-L8-ans": _fsq(8, "ans") + ['compress.downlink="fp16"'],
-    "fsq-L16-ans": _fsq(16, "ans") + ['compress.downlink="fp16"'],
-    "nf2": _codec("nf", bits=2) + ['compress.downlink="fp16"'],
-    "topk2": _codec("topk", bits=2) + ['compress.downlink="fp16"'],
-    "nf4": _codec("nf", bits=4) + ['compress.downlink="fp16"'],
-    "fp32": _codec("identity", dtype="fp32") + ['compress.downlink="fp32"'],
-    "fsq-L2-pack": _fsq(2, "pack") + ['compress.downlink="fp16"'],
-    "fsq-L8-pack": _fsq(8, "pack") + ['compress.downlink="fp16"'],
-    "fsq-L16-pack": _fsq(16, "pack") + ['compress.downlink="fp16"'],
-}
-# Most informative first, so a partial study already answers the main question.
-ORDER = [("fp16", 0), ("fsq-L4-ans", 0), ("fsq-L4-ans-int4ans", 0), ("fsq-L2-ans", 0), ("fp16", 1),
-         ("fsq-L4-ans", 1), ("fsq-L4-ans-nostats", 0), ("fp16", 2), ("fsq-L4-ans", 2), ("fsq-L4-ans-w3", 0),
-         ("fsq-L4-ans-w3", 1), ("fsq-L4-ans-w3", 2), ("fsq-L4-ans-d0", 0), ("fsq-L4-ans-image-only", 0),
-         ("fsq-L4-ans-text-only", 0), ("nf2", 0), ("topk2", 0),
-         ("fsq-L16-ans", 0), ("fp16", 3), ("fsq-L4-ans", 3), ("fp16", 4), ("fsq-L4-ans", 4),
-         ("fsq-L4-ans-int4ans", 1), ("fsq-L4-ans-int4ans", 2), ("fsq-L4-ans-int8", 0), ("fsq-L8-ans", 0),
-         ("fsq-L4-ans-int4", 0), ("fsq-L4-ans-int8ans", 0), ("nf4", 0), ("fsq-L4-pack", 0), ("fp32", 0),
-         ("fsq-L2-pack", 0), ("fsq-L8-pack", 0), ("fsq-L16-pack", 0),
-         # is the glyph gap of fsq L = 4 there at 16 levels, and without learned maps (nf4)?
-         ("fsq-L16-ans", 1), ("nf4", 1), ("fsq-L16-ans", 2), ("nf4", 2),
-         # the codec maps' learning rate (session 7)
-         ("fsq-L4-ans-clr0", 0), ("fsq-L4-ans-clr0.1", 0), ("fsq-L4-ans-clr0", 1), ("fsq-L4-ans-clr0.1", 1),
-         ("fsq-L4-ans-clr0", 2), ("fsq-L4-ans-clr0.1", 2), ("fsq-L4-ans-clr0", 3), ("fsq-L4-ans-clr0", 4),
-         ("fsq-L4-ans-int4ans-clr0", 0), ("fsq-L2-ans-clr0", 0), ("fsq-L4-ans-int4ans-clr0", 1),
-         ("fsq-L4-ans-int4ans-clr0", 2), ("fsq-L2-ans-clr0", 1), ("fsq-L2-ans-clr0", 2),
-         ("fsq-L4-ans-int4ans-sr-clr0", 0), ("fsq-L4-ans-int4ans-sr-clr0", 1), ("fsq-L4-ans-int4ans-sr-clr0", 2),
-         # the three target rows at the five seeds of their references (fp16, fsq-L4-ans-clr0; session 13)
-         ("fsq-L4-ans-int4ans-sr-clr0", 3), ("fsq-L2-ans-clr0", 3), ("fsq-L4-ans-int4ans-clr0", 3),
-         ("fsq-L4-ans-int4ans-sr-clr0", 4), ("fsq-L2-ans-clr0", 4), ("fsq-L4-ans-int4ans-clr0", 4)] + \
-    [("fsq-L4-ans-int6ans-t2ans-sr-clr0", s) for s in range(5)] + \
-    [(name, s) for s in range(3) for name in ("fsq-L4-ans-int4ans-image-clr0", "fsq-L4-ans-int4ans-text-clr0")] + \
-    [("fsq-L4-ans-int6ans-tnone-clr0", s) for s in range(5)] + [("fsq-L4-ans-int2ans-t6ans-sr-clr0", s) for s in range(5)] + \
-    [(name, s) for s in range(5) for name in ("fsq-L4-ans-int4ans-tm8ans-clr0", "fsq-L4-ans-int5ans-tm8ans-clr0")] + \
-    [(name, s) for s in range(5) for name in ("fsq-L4-ans-fp32-clr0", "fsq-L4-ans-int8ans-clr0")] + \
-    [(name, s) for s in range(5, 10)  # session 15: seeds 5-9 of the references, the exact downlink, the targets
-     for name in ("fp16", "fsq-L4-ans-clr0", "fsq-L4-ans-fp32-clr0", "fsq-L4-ans-int4ans-tm8ans-clr0")] + \
-    [("fsq-L2-ans-clr0", s) for s in range(5, 10)] + \
-    [(name, s) for s in (5, 6)  # session 16: what one bit costs, and five knobs tried against it (two seeds each)
-     for name in ("fsq-L2-ans-image-clr0", "fsq-L2-ans-text-clr0", "fsq-L2-ans-clrs1", "fsq-L2-ans-dw1-clr0",
-                  "fsq-L2-ans-w3-clr0", "fp16-s1x3", "fsq-L2-ans-clr0-s1x3")] + \
-    [(name, 7) for name in ("fsq-L2-ans-image-clr0", "fsq-L2-ans-text-clr0")] + \
-    [("fsq-L2-ans-from2-clr0", s) for s in range(10)]  # session 17: one bit from stage 2, fitted image decoder
-# The reference a configuration is compared with where it is not fp16 with the study's steps: the fp16 row given the
-# same steps.
-REFERENCES = {"fsq-L2-ans-clr0-s1x3": "fp16-s1x3"}
-# Issue 6's accuracy targets: points (percent; shape-mme in percent of its maximum 800) that a configuration's mean
-# may fall below the fp16 mean.
-TARGETS = {"fsq-L4-ans": 1.0, "fsq-L4-ans-int4ans": 1.0, "fsq-L4-ans-int8ans": 1.0, "fsq-L2-ans": 3.0,
-           "fsq-L4-ans-clr0": 1.0, "fsq-L4-ans-int4ans-clr0": 1.0, "fsq-L2-ans-clr0": 3.0, "fsq-L2-ans-clr0-s1x3": 3.0,
-           "fsq-L2-ans-dw1-clr0": 3.0, "fsq-L2-ans-clrs1": 3.0, "fsq-L2-ans-w3-clr0": 3.0,
-           "fsq-L2-ans-from2-clr0": 3.0,
-           "fsq-L4-ans-int4ans-sr-clr0": 1.0, "fsq-L4-ans-int6ans-t2ans-sr-clr0": 1.0,
-           "fsq-L4-ans-int6ans-tnone-clr0": 1.0, "fsq-L4-ans-int2ans-t6ans-sr-clr0": 1.0,
-           "fsq-L4-ans-int4ans-tm8ans-clr0": 1.0, "fsq-L4-ans-int5ans-tm8ans-clr0": 1.0}
+STUDIES = Path(__file__).resolve().parents[1] / "configs" / "study"
 MME_MAX = 800.0
+# The whole step's budget: both directions together at most this share of what fp16 both ways sends.
+WHOLE_STEP_BUDGET = 0.125
+
+
+@dataclass
+class Study:
+    """One study's definition (configs/study/<preset>.toml)."""
+    preset: str
+    steps: list[str]
+    base: str
+    reference_run: str
+    out: str
+    results: str
+    configs: dict[str, dict]
+    jobs: list[tuple[str, int]]
+    workers: int = 1
+    threads: int = 1
+    targets: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def overrides(self, name: str) -> list[str]:
+        return list(self.configs[name].get("set", []))
+
+    def reference(self, name: str) -> str:
+        return self.configs.get(name, {}).get("reference", "fp16")
+
+    def target(self, name: str) -> float | None:
+        return self.configs.get(name, {}).get("target")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the study: {e}") from None
+    configs = raw.get("configs", {})
+    if "fp16" not in configs:
+        raise SystemExit(f"{path}: configs: the reference configuration 'fp16' is missing")
+    jobs = []
+    for item in raw.get("jobs", []):
+        name, _, seed = str(item).rpartition("/")
+        if name not in configs or not seed.isdigit():
+            raise SystemExit(f"{path}: jobs: {item!r} is not '<configuration>/<seed>' of a configuration in [configs]")
+        jobs.append((name, int(seed)))
+    for name, c in configs.items():
+        if c.get("reference", "fp16") not in configs:
+            raise SystemExit(f"{path}: configs.{name}.reference: no configuration {c['reference']!r}")
+        unknown = set(c) - {"about", "set", "target", "reference"}
+        if unknown:
+            raise SystemExit(f"{path}: configs.{name}: unknown fields {sorted(unknown)}")
+    for role, name in raw.get("targets", {}).items():
+        if name not in configs:
+            raise SystemExit(f"{path}: targets.{role}: no configuration {name!r}")
+    try:
+        return Study(preset=raw["preset"], steps=list(raw.get("steps", [])), base=raw["base"],
+                     reference_run=raw.get("reference_run", ""), out=raw["out"], results=raw["results"],
+                     configs=configs, jobs=jobs, workers=int(raw.get("workers", 1)),
+                     threads=int(raw.get("threads", 1)), targets=dict(raw.get("targets", {})), source=str(path))
+    except KeyError as e:
+        raise SystemExit(f"{path}: the field {e.args[0]!r} is missing") from None
 
 
 def run(cmd: list[str], logfile: Path, env: dict | None = None) -> int:
@@ -200,18 +102,13 @@ def run(cmd: list[str], logfile: Path, env: dict | None = None) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
-REFERENCE = Path("runs/baseline")  # the 16-bit baseline benchmark's run = fp16, seed 0
-
-
-def job_dir(out: Path, name: str, seed: int, base: Path) -> Path:
-    """Where a run lives; fp16 seed 0 is the baseline benchmark's run when the study starts from its base."""
-    if (name, seed) == ("fp16", 0) and _uses_reference(base) and (REFERENCE / "eval.json").exists():
-        return REFERENCE
+def job_dir(spec: Study, out: Path, name: str, seed: int, use_reference: bool) -> Path:
+    """Where a run lives; fp16 seed 0 is the baseline benchmark's run when the study starts from the study's own
+    base and that run is finished."""
+    ref = Path(spec.reference_run) if spec.reference_run else None
+    if (name, seed) == ("fp16", 0) and use_reference and ref is not None and (ref / "eval.json").exists():
+        return ref
     return out / name / f"seed{seed}"
-
-
-def _uses_reference(base: Path) -> bool:
-    return base.resolve() == (REFERENCE / "stage0" / "final").resolve()
 
 
 def _metrics(stage_dir: Path) -> dict:
@@ -226,19 +123,19 @@ def _metrics(stage_dir: Path) -> dict:
             "steps": len(rows), "seconds": sum(r["seconds"] for r in rows)}
 
 
-def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
-    """A row per finished run of ORDER; where a run's folder is gone (a fresh checkout has no runs/), its row from
-    `kept` (the previous results/study.json) if there is one, marked with `"kept": true`."""
+def collect(spec: Study, out: Path, use_reference: bool, kept: list[dict] = ()) -> list[dict]:
+    """A row per finished job of the study; where a run's folder is gone (a fresh checkout has no runs/), its row
+    from `kept` (the previous result) if there is one, marked with `"kept": true`."""
     old = {(r["config"], r["seed"]): {**r, "kept": True} for r in kept}
     rows = []
-    for name, seed in ORDER:
-        d = job_dir(out, name, seed, base)
+    for name, seed in spec.jobs:
+        d = job_dir(spec, out, name, seed, use_reference)
         if not (d / "eval.json").exists():
             if (name, seed) in old:
                 rows.append(old[(name, seed)])
             continue
         ev = json.loads((d / "eval.json").read_text())
-        summary = json.loads((d / "pipeline.json").read_text())
+        pipeline = json.loads((d / "pipeline.json").read_text())
         m2 = _metrics(d / "stage2")
         m1 = _metrics(d / "stage1")
         suites = {s: r["ours"] for s, r in ev.items()}
@@ -250,7 +147,7 @@ def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
         rows.append({"config": name, "seed": seed, "suites": suites, "chance_or_majority": floor, **{k: m2[k] for k in (
             "uplink_bits_per_element", "downlink_bits_per_element", "bytes_per_sample_up", "bytes_per_sample_down")},
             "stage1": m1, "stage2": m2,
-            "wall_s": round(sum(s["wall_s"] for k, s in summary["stages"].items() if k != "stage0"), 1)})
+            "wall_s": round(sum(s["wall_s"] for k, s in pipeline["stages"].items() if k != "stage0"), 1)})
     ref = [r for r in rows if r["config"] == "fp16" and r["seed"] == 0]
     if ref:
         ref_total = ref[0]["bytes_per_sample_up"] + ref[0]["bytes_per_sample_down"]
@@ -261,11 +158,12 @@ def collect(out: Path, base: Path, kept: list[dict] = ()) -> list[dict]:
     return rows
 
 
-def pending(only: list[str] | None, kept: list[dict] = (), seeds: list[int] | None = None) -> list[tuple[str, int]]:
-    """The jobs of ORDER to run, in order: those of the configurations in `only` (all when empty) and of `seeds`
-    (all when None), less those with a row in `kept` (the previous results/study.json: a finished run of the same
-    base, not trained again)."""
-    jobs = [(n, s) for n, s in ORDER if (not only or n in only) and (seeds is None or s in seeds)]
+def pending(spec: Study, only: list[str] | None, kept: list[dict] = (),
+            seeds: list[int] | None = None) -> list[tuple[str, int]]:
+    """The study's jobs to run, in order: those of the configurations in `only` (all when empty) and of `seeds`
+    (all when None), less those with a row in `kept` (the previous result: a finished run of the same base, not
+    trained again)."""
+    jobs = [(n, s) for n, s in spec.jobs if (not only or n in only) and (seeds is None or s in seeds)]
     done = {(r["config"], r["seed"]) for r in kept}
     todo = [j for j in jobs if j not in done]
     if len(todo) < len(jobs):
@@ -289,11 +187,11 @@ def mean_and_se(values: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Per configuration: mean and range over seeds per suite, the difference to the fp16 mean in points (to its
-    REFERENCES row where it has one: fp16 with the same steps), and the verdict against the issue's targets (within
-    the tolerance below the reference, and within the larger of the two seed ranges where both have several
-    seeds)."""
+def summary(spec: Study, rows: list[dict]) -> list[dict]:
+    """Per configuration: mean and range over seeds per suite, the difference to its reference's mean in points
+    (fp16 unless the configuration names another: fp16 given the same steps), the difference paired by seed with
+    its standard error, and the verdict against the configuration's target (within the tolerance below the
+    reference, and within the larger of the two seed ranges where both have several seeds)."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
@@ -304,7 +202,7 @@ def summary(rows: list[dict]) -> list[dict]:
                    for s in HEADLINE if s in floors and all(s in r["suites"] for r in fp16)}
     out = []
     for name, rs in by.items():
-        ref_name = REFERENCES.get(name, "fp16")
+        ref_name = spec.reference(name)
         ref = by.get(ref_name, [])
         item = {"config": name, "seeds": [r["seed"] for r in rs], "suites": {}, "reference": ref_name,
                 "uplink_bits_per_element": sum(r["uplink_bits_per_element"] for r in rs) / len(rs),
@@ -326,10 +224,39 @@ def summary(rows: list[dict]) -> list[dict]:
                     cell["paired_delta"], cell["paired_se"] = mean_and_se(diffs)
                 spread = max(max(refs) - min(refs), cell["range"]) if len(refs) > 1 else None
                 cell["within_seed_spread"] = None if spread is None else abs(cell["delta_vs_fp16"]) <= spread
-                if name in TARGETS:
-                    cell["within_target"] = cell["delta_vs_fp16"] >= -TARGETS[name]
+                if spec.target(name) is not None:
+                    cell["within_target"] = cell["delta_vs_fp16"] >= -spec.target(name)
             item["suites"][suite] = cell
         out.append(item)
+    return out
+
+
+def target_verdicts(spec: Study, items: list[dict], min_seeds: int = 3) -> dict:
+    """For each configuration the project stands behind (spec.targets: role -> configuration), whether it meets its
+    target: every headline suite within the tolerance of fp16, at least `min_seeds` seeds paired with fp16's, and
+    for the whole step both directions together at most WHOLE_STEP_BUDGET of fp16's bytes."""
+    by = {it["config"]: it for it in items}
+    fp16_seeds = set(by["fp16"]["seeds"]) if "fp16" in by else set()
+    out = {}
+    for role, name in spec.targets.items():
+        it = by.get(name)
+        entry = {"config": name, "about": spec.configs[name].get("about", ""),
+                 "tolerance_points": spec.target(name)}
+        if it is None:
+            out[role] = {**entry, "seeds": 0, "met": None, "why": "no finished run yet"}
+            continue
+        paired = sorted(set(it["seeds"]) & fp16_seeds)
+        suites = {s: {k: c.get(k) for k in ("mean", "delta_vs_fp16", "paired_delta", "paired_se", "within_target")}
+                  for s, c in it["suites"].items()}
+        within = all(c.get("within_target") is True for c in it["suites"].values()) and len(suites) == len(HEADLINE)
+        entry.update(seeds=len(it["seeds"]), seeds_paired_with_fp16=len(paired), suites=suites,
+                     total_fraction_of_fp16=it["total_fraction_of_fp16"])
+        checks = {"suites_within_tolerance": within, "enough_seeds": len(paired) >= min_seeds}
+        if role == "whole_step":
+            checks["within_budget"] = it["total_fraction_of_fp16"] <= WHOLE_STEP_BUDGET
+        entry["checks"] = checks
+        entry["met"] = all(checks.values())
+        out[role] = entry
     return out
 
 
@@ -355,7 +282,22 @@ def summary_table(items: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
+def targets_table(verdicts: dict) -> str:
+    lines = ["| target | config | seeds | met | " + " | ".join(HEADLINE) + " | total / fp16 |",
+             "|" + "---|" * (5 + len(HEADLINE))]
+    for role, v in verdicts.items():
+        cells = []
+        for suite in HEADLINE:
+            c = v.get("suites", {}).get(suite)
+            cells.append("" if not c or c.get("delta_vs_fp16") is None else f"{c['delta_vs_fp16']:+.1f}")
+        met = {True: "yes", False: "no", None: "pending"}[v["met"]]
+        frac = v.get("total_fraction_of_fp16")
+        lines.append(f"| {role} (within {v['tolerance_points']} points) | {v['config']} | {v['seeds']} | {met} | "
+                     + " | ".join(cells) + f" | {'' if frac is None else f'{frac:.4f}'} |")
+    return "\n".join(lines)
+
+
+def report(spec: Study, rows: list[dict], path_md: Path, path_png: Path, how: str) -> str:
     head = (f"| config | seed | {' | '.join(HEADLINE)} | rel | non-rel | up bits/el | down bits/el | "
             f"up B/sample | down B/sample | total / fp16 | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -369,14 +311,23 @@ def report(rows: list[dict], path_md: Path, path_png: Path, meta: dict) -> str:
                      f"{r['bytes_per_sample_up']:.0f} | {r['bytes_per_sample_down']:.0f} | "
                      f"{r.get('total_fraction_of_fp16', float('nan')):.4f} | {r['wall_s']:.0f} |")
     text = "\n".join(lines)
-    summ = summary_table(summary(rows))
-    path_md.write_text(f"# Rate-accuracy study\n\n{meta['how']}\n\n{text}\n\n## Means over seeds\n\n"
+    items = summary(spec, rows)
+    summ = summary_table(items)
+    targets = ""
+    if spec.targets:
+        targets = ("## Targets\n\nThe configurations the project stands behind, each against fp16 paired by seed "
+                   f"(points; met = every suite within the tolerance, at least 3 seeds, and for the whole step both "
+                   f"directions at most {WHOLE_STEP_BUDGET:.1%} of fp16's bytes).\n\n"
+                   f"{targets_table(target_verdicts(spec, items))}\n\n")
+    abouts = "\n".join(f"- `{name}`: {c.get('about', '')}" for name, c in spec.configs.items()
+                       if any(r["config"] == name for r in rows))
+    path_md.write_text(f"# Rate-accuracy study: {spec.preset}\n\n{how}\n\n{targets}## Means over seeds\n\n"
                        "Points (percent; shape-mme in percent of its maximum 800); in brackets the difference to the "
-                       "fp16 mean (rows named -s1x3: to fp16-s1x3, the same longer stage 1), `!` where it falls short of the issue's tolerance (1 point for fsq L = 4, 3 for "
-                       "L = 2), and after +- the standard error of the difference paired by seed (same batches) "
-                       "where two or more seeds pair up; r = range over the seeds; ~ marks a suite where fp16 itself "
-                       "is not above chance and majority (there the comparison is between guesses).\n\n"
-                       f"{summ}\n")
+                       "reference's mean (fp16 unless the configuration names another), `!` where it falls short of "
+                       "the configuration's target, and after +- the standard error of the difference paired by seed "
+                       "(same batches) where two or more seeds pair up; r = range over the seeds; ~ marks a suite "
+                       "where fp16 itself is not above chance and majority (there the comparison is between "
+                       f"guesses).\n\n{summ}\n\n## Configurations\n\n{abouts}\n\n## Runs\n\n{text}\n")
     text = f"{text}\n\n{summ}"
     try:
         import matplotlib
@@ -409,84 +360,98 @@ def _effective_steps(overrides: list[str]) -> list[str]:
     return [last[k] for k in sorted(last)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--base", default="runs/baseline/stage0/final")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--only", nargs="*", help="config names to run (default: all, in priority order)")
-    p.add_argument("--seeds", type=int, nargs="*", help="only these seeds of ORDER (default: all)")
-    p.add_argument("--results", default="results/study",
-                   help="where the report goes: RESULTS.json, .md and .png (default results/study); with another "
-                        "--out and --keep \"\" a row can be trained again apart from the study to check it "
-                        "reproduces")
+    p.add_argument("--preset", "--config", dest="preset", default="tiny",
+                   help="the preset whose study to run: configs/study/<preset>.toml (default tiny)")
+    p.add_argument("--study", help="a study file instead of configs/study/<preset>.toml")
+    p.add_argument("--out", help="run folder (default: the study's `out`)")
+    p.add_argument("--base", help="a finished stage-0 folder (default: the study's `base`); another base than the "
+                   "study's does not reuse the baseline's run as fp16 seed 0")
+    p.add_argument("--workers", type=int, help="jobs at a time (default: the study's)")
+    p.add_argument("--threads", type=int, help="torch threads per job (default: the study's)")
+    p.add_argument("--only", nargs="*", help="configuration names to run (default: all, in the study's order)")
+    p.add_argument("--seeds", type=int, nargs="*", help="only these seeds of the study's jobs (default: all)")
+    p.add_argument("--results", help="where the report goes: RESULTS.json, .md and .png (default: the study's "
+                   "`results`); with another --out and --keep \"\" a row can be trained again apart from the study "
+                   "to check it reproduces")
     p.add_argument("--set", "-o", action="append", default=[])
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--keep", default="results/study.json",
-                   help="rows of runs whose folders are gone are kept from this earlier result, and their jobs "
-                        "are not run again (\"\" = none); "
-                        "valid only while the base is the same (the stage-0 base is deterministic: the same "
-                        "command on the same kind of machine trains it again bit for bit)")
-    args = p.parse_args()
+    p.add_argument("--keep", help="rows of runs whose folders are gone are kept from this earlier result, and their "
+                   "jobs are not run again (default: the study's results JSON; \"\" = none); valid only while the "
+                   "base is the same")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path(args.out)
+    spec = load_study(args.study or STUDIES / f"{args.preset}.toml")
+    out = Path(args.out or spec.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results or spec.results)
+    keep = f"{spec.results}.json" if args.keep is None else args.keep
+    workers, threads = args.workers or spec.workers, args.threads or spec.threads
     exe = [sys.executable, "-m", "qtllava.cli"]
-    common = ["--config", args.config] + [x for s in STUDY_STEPS + args.set for x in ("-o", s)]
-    base = Path(args.base)
+    common = ["--config", spec.preset] + [x for s in spec.steps + args.set for x in ("-o", s)]
+    base = Path(args.base or spec.base)
+    use_reference = args.base is None and not args.set
     if not args.report_only and not (base / "DONE").exists():
+        if args.base:
+            raise SystemExit(f"--base {base}: not a finished stage folder (no DONE file)")
         base = out / "base" / "stage0" / "final"
+        use_reference = False
         if not (base / "DONE").exists():
             log.info("training the stage-0 base into %s", base.parent)
             rc = run(exe + ["train", "--stage", "stage0", "--out", str(base.parent), "--resume"] + common,
                      out / "base.log")
             if rc:
                 raise SystemExit(f"stage 0 failed (rc {rc}); see {out / 'base.log'}")
-    kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep and Path(args.keep).exists() else []
-    jobs = pending(args.only, kept, args.seeds)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    kept = json.loads(Path(keep).read_text())["rows"] if keep and Path(keep).exists() else []
+    jobs = pending(spec, args.only, kept, args.seeds)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
 
     def one(job):
         name, seed = job
-        d = job_dir(out, name, seed, base)
+        d = job_dir(spec, out, name, seed, use_reference)
         if (d / "eval.json").exists():
             return name, seed, 0, 0.0
-        if (name, seed) == ("fp16", 0) and _uses_reference(base):
-            log.info("fp16 seed 0 is the baseline benchmark's run (%s); not trained again", REFERENCE)
+        if (name, seed) == ("fp16", 0) and use_reference and spec.reference_run:
+            log.info("fp16 seed 0 is the baseline benchmark's run (%s); run the baseline to finish it",
+                     spec.reference_run)
             return name, seed, 0, 0.0
         t0 = time.perf_counter()
         cmd = exe + ["pipeline", "--out", str(d), "--resume", "--base", str(base)] + common + \
-            [x for s in CONFIGS[name] + [f"train.seed={seed}", "train.threads=1"] for x in ("-o", s)]
+            [x for s in spec.overrides(name) + [f"train.seed={seed}", f"train.threads={threads}"] for x in ("-o", s)]
         rc = run(cmd, d.with_suffix(".log"), env)
         log.info("%s seed %d: rc %d in %.0f s", name, seed, rc, time.perf_counter() - t0)
         return name, seed, rc, time.perf_counter() - t0
 
     if not args.report_only:
-        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for name, seed, rc, _ in pool.map(one, jobs):
                 if rc:
                     log.error("%s seed %d failed; see %s", name, seed,
-                              job_dir(out, name, seed, base).with_suffix(".log"))
-    rows = collect(out, base, kept)
+                              job_dir(spec, out, name, seed, use_reference).with_suffix(".log"))
+    rows = collect(spec, out, use_reference, kept)
     n_kept = sum(1 for r in rows if r.get("kept"))
     if n_kept:
-        log.info("%d of %d rows kept from %s (their run folders are gone)", n_kept, len(rows), args.keep)
-    flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if not _uses_reference(base) else "") + \
-        (f" --out {args.out}" if args.out != "runs/study" else "")
-    how = (f"Command: `python benchmarks/study.py --config {args.config}{flags}` ({len(rows)} runs); "
-           f"preset {args.config}; "
-           f"steps {', '.join(_effective_steps(STUDY_STEPS + args.set))}; base {base}; machine {platform.machine()} "
-           f"{os.cpu_count()} cores, one torch thread per job, {args.workers} jobs at a time. Scores in percent "
-           "(shape-mme: summed MME score); bits per element are payload bits actually sent per feature element in "
-           "stage 2; bytes per sample are whole serialized messages per training sample in stage 2; wall s = stages 1 "
-           "and 2 (the shared stage 0 not counted)." +
-           (f" {n_kept} rows were kept from the previous {args.keep} (run folders gone; same base command)."
-            if n_kept else ""))
-    res = Path(args.results)
-    res.parent.mkdir(parents=True, exist_ok=True)
-    res.with_suffix(".json").write_text(json.dumps({"how": how, "rows": rows, "summary": summary(rows)}, indent=2))
-    print(report(rows, res.with_suffix(".md"), res.with_suffix(".png"), {"how": how}))
+        log.info("%d of %d rows kept from %s (their run folders are gone)", n_kept, len(rows), keep)
+    flags = "".join(f" --set {x}" for x in args.set) + (f" --base {args.base}" if args.base else "") + \
+        (f" --out {args.out}" if args.out else "")
+    steps = ", ".join(_effective_steps(spec.steps + args.set)) or "the preset's own"
+    how = (f"Command: `python benchmarks/study.py --preset {spec.preset}{flags}` ({len(rows)} runs); study "
+           f"configs/study/{Path(spec.source).name}; steps {steps}; base {base}; machine {platform.machine()} "
+           f"{os.cpu_count()} cores, {threads} torch thread(s) per job, "
+           f"{workers} job(s) at a time. Scores in percent (shape-mme: summed MME score); bits per element are payload "
+           "bits actually sent per feature element in stage 2; bytes per sample are whole serialized messages per "
+           "training sample in stage 2; wall s = stages 1 and 2 (the shared stage 0 not counted)." +
+           (f" {n_kept} rows were kept from the previous {keep} (run folders gone; same base)." if n_kept else ""))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    items = summary(spec, rows)
+    doc = {"how": how, "preset": spec.preset, "rows": rows, "summary": items}
+    if spec.targets:
+        doc["targets"] = target_verdicts(spec, items)
+    results.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    print(report(spec, rows, results.with_suffix(".md"), results.with_suffix(".png"), how))
+    if spec.targets:
+        print(targets_table(doc["targets"]))
 
 
 if __name__ == "__main__":

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(sp, server=True)
     sp.set_defaults(func=cmd_client)
 
-    from qtllava.privacy.cli import add_attack_parser  # `qtllava attack` (issue 7)
+    from qtllava.privacy.cli import add_attack_parser  # `qtllava attack`
     add_attack_parser(sub)
     return p
 

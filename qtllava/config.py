@@ -61,8 +61,9 @@ class VisionConfig:
     # initial position embeddings of a random tower: "sincos" (2-D sine-cosine table as in MAE, then trained) or
     # "default" (transformers' normal init, std ~0.09, ~7x weaker than the tiny preset's patch embeddings). With
     # "default", left/top of an object patch was linearly decodable from the tiny base's connector output at 52 % /
-    # 51 % after 5400 stage-0 steps, with "sincos" at 92 % / 93 % after 1000 (benchmarks/answer_probe.py
-    # --positions; docs/baseline.md: it did not make the questions learnable by itself). Ignored with `pretrained`.
+    # 51 % after 5400 stage-0 steps, with "sincos" at 92 % / 93 % after 1000 (docs/experiments.md, "Does the
+    # connector's output say where objects are?": it did not make the questions learnable by itself). Ignored with
+    # `pretrained`.
     pos_init: typing.Literal["default", "sincos"] = "sincos"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -80,8 +81,8 @@ class ConnectorConfig:
     # the tower's features and concatenated to them before the connector (0 = off, as TinyLLaVA; pretrained towers
     # keep positions). The tiny from-scratch tower keeps little of where a patch is (column: 0.25 % of its output
     # variance after 6400 stage-0 steps) and its decoder never said left or right in a caption (49 %); with 32 it
-    # did (89 %), and with a longer stage 0 the baseline passes 4 of 5 suites (docs/baseline.md, "Session 4"); the
-    # tiny and small presets use 32.
+    # did (89 %), and with a longer stage 0 the baseline passes 4 of 5 suites (docs/experiments.md, "Does a longer
+    # stage 0 with the position code pass more suites?"); the tiny and small presets use 32.
     position_dims: int = 0
 
 
@@ -116,8 +117,8 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     # std of a random LLM's token-embedding table; 0 keeps transformers' initializer_range (0.02). Ignored with
     # `pretrained`. With 0.02, text rows start ~20x smaller than the connector's image rows (~100x after stage 0);
-    # 0.4 or 1.0 did not change the tiny model's answer accuracy after 1000 stage-0 steps (2026-11-25, measured
-    # with benchmarks/answer_probe.py; docs/baseline.md), so the default stays 0.
+    # 0.4 or 1.0 did not change the tiny model's answer accuracy after 1000 stage-0 steps (docs/experiments.md, "Why
+    # did the first 16-bit tiny baseline not answer the questions?"), so the default stays 0.
     embed_init_std: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -135,7 +136,8 @@ class CodecConfig:
     bits: bits per element for `nf` (2, 3, 4) and the budget for `topk`.
     coder: index coding for `fsq`: "pack" (fixed width) or "ans" (constriction).
     send_stats: `fsq` sends each row's normalisation mean and std (fp16, 32 bits per row) so that the server puts
-        the levels back at the row's scale; False is the paper's codec, which sends none (docs/study.md).
+        the levels back at the row's scale; False is the paper's codec, which sends none (docs/experiments.md,
+        "Does sending each row's mean and std fix fsq's scale problems?").
     """
 
     name: str = "identity"
@@ -171,7 +173,8 @@ class CompressConfig:
     # the first stage (1 or 2) that sends these codecs; stage 1 before it sends fp16 both ways (the 16-bit
     # reference). At that stage the codecs start fresh, and a fresh fsq image decoder is fitted by least squares on
     # the connector rows of the stage's first batches (the connector is trained by then), so that the LLM starts
-    # from rows close to the ones it was trained on. The fit needs both halves in one process (docs/study.md)
+    # from rows close to the ones it was trained on. The fit needs both halves in one process (docs/experiments.md,
+    # "Does starting the codecs at stage 2, behind a fitted image decoder, close the one-bit glyph gap?")
     first_stage: int = 1
 
 
@@ -199,11 +202,12 @@ class DataConfig:
     mc_fraction: float = 0.0
     # at most this many options in the instruction corpus's multiple-choice turns (2-5; the suites keep 2-5): 2 makes
     # every lettered training turn a two-option one (the sandbox learns the letter with 2 options, not with 2-5;
-    # docs/baseline.md)
+    # docs/experiments.md, "Does the number of options decide whether the letter is learned?")
     mc_max_options: int = 5
     # text-only records of option look-ups ("Which option is red?" + lettered options -> the letter) added to the
     # instruction training corpus: the in-context match-and-copy step a pretrained LLM brings, which the tiny model
-    # trained from scratch has no other text to learn from (docs/baseline.md, session 11); 0 = none
+    # trained from scratch has no other text to learn from (docs/experiments.md, "Do text-only option look-ups
+    # mixed into stage 0 teach the look-up?"); 0 = none
     lookup_records: int = 0
     # folder with a tokenizer; empty: llm.pretrained's, else the one trained with the generated data
     tokenizer: str = ""
@@ -222,8 +226,9 @@ class StageConfig:
     # learning rate of the codecs' own parameters (fsq's Linear maps) as a multiple of `lr`. 0 (default) keeps them
     # where they start: the identity (and the text decoder's least-squares fit), the right maps when d_code = D
     # (every preset). Adam moves each weight by about lr a step whatever its gradient, so at 1.0 the square maps
-    # drift ~20 % from the identity in stages 1-2, and glyph reading fell 3.7 points (5 seeds, docs/study.md,
-    # "Session 7"). With d_code < D the maps must learn: set it > 0.
+    # drift ~20 % from the identity in stages 1-2, and glyph reading fell 3.7 points (5 seeds; docs/experiments.md,
+    # "Why did fsq L = 4 lose glyph words against fp16, and does freezing the codec maps fix it?"). With
+    # d_code < D the maps must learn: set it > 0.
     codec_lr_scale: float = 0.0
     # how the LLM is tuned in this stage: "full" (every weight), "lora" (adapters through peft, llm.lora), "frozen";
     # empty: the recipe's choice (see qtllava.train.recipes)
@@ -244,7 +249,7 @@ class TrainConfig:
     # llm.pretrained is set
     recipe: typing.Literal["auto", "scratch", "pretrained"] = "auto"
     # lr 5e-4 for the from-scratch base: at 2e-3 the tiny model stalls (instruction-validation loss 0.59 after 3000
-    # steps at 2e-3, reached after 400 steps at 5e-4; measured 2026-11-25, see the closing note of issue 6)
+    # steps at 2e-3, reached after 400 steps at 5e-4; measured 2026-11-25 on the tiny preset)
     stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=600, lr=5e-4, warmup_ratio=0.05))
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=5e-4))

@@ -89,8 +89,9 @@ def run_split_pipeline(cfg: Config, out: Path, data_root: Path | None = None, re
     """Like `run_pipeline`, but the compressed stages run as two processes on loopback: `qtllava serve` (server
     part, its own folder) and `qtllava client` (data and client part), with a fresh token for authentication.
     Stage 0 (the stand-in for pretrained weights) runs in this process. Evaluation generates across the split
-    through the last stage's server. Writes `out/pipeline.json`; returns tables as `run_pipeline` does, plus
-    `link_table` (bytes per direction and part, per stage)."""
+    through a generation-only server on the last stage's final weights (a training server refuses generation).
+    Writes `out/pipeline.json`; returns tables as `run_pipeline` does, plus `link_table` (bytes per direction and
+    part, per stage)."""
     import secrets
 
     from qtllava.config import to_toml
@@ -143,11 +144,12 @@ def run_split_pipeline(cfg: Config, out: Path, data_root: Path | None = None, re
                                                     "bytes_down": sum(r["bytes_down"] for r in rows)}},
                                "link": summarize_link(rows)}
                 summary_path.write_text(json.dumps({"config": to_dict(cfg), "stages": runs}, indent=2))
-            elif evaluate_here:  # trained before: a generation-only server on the stage's final weights
+                server.stop()
+                server = None
+            if evaluate_here:  # a server started for generation only, on the stage's final weights
                 server, port = spawn_server(["--stage", "none", *common, "--init", str(folder / "server" / "final"),
                                              "--token-file", str(token_file)], folder / "port",
                                             folder / "server-eval.log")
-            if evaluate_here:
                 results, runs[stage]["eval_traffic"] = _evaluate_across(cfg, folder / "client" / "final", root,
                                                                         port, token)
             if server is not None:

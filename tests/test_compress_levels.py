@@ -11,7 +11,7 @@ from qtllava.compress.levels import analyze_levels, indices_for_levels, measure_
 
 def test_measure_indices_gaussian():
     x = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
-    # DESIGN 1.3: about 1.27 bits for Gaussian input at L = 4 with the paper's 3-std clipping
+    # about 1.27 bits for Gaussian input at L = 4 with the paper's 3-std clipping
     assert 1.2 < measure_indices(indices_for_levels(x, 4, width=3.0)[0], 4)["entropy_bits"] < 1.35
     idx, dist = indices_for_levels(x, 4)  # the Gaussian-optimal width (1.49 std): thresholds at 0 and +-1 std
     m = measure_indices(idx, 4)

@@ -212,3 +212,105 @@ def test_the_client_refuses_a_hostile_server_and_keeps_its_weights(setup, attack
         crt.train_step([b[0]])
     assert all(torch.equal(before[k], v) for k, v in client.state_dict().items())
     assert all(p.grad is None for p in client.parameters())
+
+
+def _prompt(client: ClientPart, batch: dict, sid: str, gid: int) -> pb.GenerateRequest:
+    out = client(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    return pb.GenerateRequest(session_id=sid, generation_id=gid, round=0, batch=batch["input_ids"].shape[0],
+                              seq_len=batch["input_ids"].shape[1], layout=out.layout.to_bytes(),
+                              image=out.image.packet.to_bytes(), text=out.text.packet.to_bytes())
+
+
+def test_generation_only_on_a_generation_server_with_open_calls_bounded(setup, data):
+    rt, client, scfg, b = setup
+    sid = rt.handshake(make_hello(scfg, "a"), peer="a").session_id
+    with pytest.raises(SplitError, match="generation is served by a server started for it") as e:
+        rt.generate(_prompt(client, b[0], sid, 1), peer="a")  # a training server's weights move under it
+    assert e.value.code == "FAILED_PRECONDITION"
+    gen = ServerRuntime(rt.part, scfg, None, max_generations_per_client=2, generation_idle_seconds=60)
+    sid = gen.handshake(make_hello(scfg, "a"), peer="a").session_id
+    n = int(b[0]["attention_mask"][0].sum())  # one sequence without its (right) padding
+    one = dict(input_ids=b[0]["input_ids"][:1, :n], attention_mask=b[0]["attention_mask"][:1, :n],
+               pixel_values=b[0]["pixel_values"][:1])
+    for gid in (1, 2):
+        assert len(gen.generate(_prompt(client, one, sid, gid), peer="a").next_ids) > 0
+    with pytest.raises(SplitError, match="2 generations open") as e:
+        gen.generate(_prompt(client, one, sid, 3), peer="a")
+    assert e.value.code == "RESOURCE_EXHAUSTED" and gen.refused["open_generations"] == 1
+    gen.generate(pb.GenerateRequest(session_id=sid, generation_id=1, close=True), peer="a")
+    assert gen.generate(_prompt(client, one, sid, 3), peer="a").next_ids  # a closed one frees its place
+    gen.generation_idle_seconds = 0.0  # idle ones are dropped with their caches
+    gen.generate(pb.GenerateRequest(session_id=sid, generation_id=99, close=True), peer="a")
+    assert not gen.generations
+    bomb = _prompt(client, one, sid, 4)  # a prompt packet that claims 2^20 rows
+    packet = Packet.from_bytes(bomb.text)
+    bomb.text = Packet(codec=packet.codec, shape=(1 << 20, packet.shape[1]), payload=packet.payload,
+                       side=packet.side, levels=packet.levels, coder=packet.coder, dtype=packet.dtype).to_bytes()
+    with pytest.raises(SplitError, match="does not fit the layout"):
+        gen.generate(bomb, peer="a")
+
+
+def test_checkpoints_once_per_step_and_the_final_folder_after_the_last_step(setup, tmp_path):
+    rt, client, scfg, b = setup
+    rt.checkpoint_dir, rt.final_dir = tmp_path / "checkpoints", tmp_path / "final"
+    sid = rt.handshake(make_hello(scfg, "a")).session_id
+    writes = []
+    save = rt._save_atomic
+    rt._save_atomic = lambda target: writes.append(target) or save(target)
+    for _ in range(3):  # asked again at the same step: the one written is named, nothing is written again
+        assert rt.checkpoint(pb.CheckpointRequest(session_id=sid, step_id=0)).path == f"{sid}/step-000000"
+    assert len(writes) == 1
+    with pytest.raises(SplitError, match="after the stage's 4 steps") as e:
+        rt.checkpoint(pb.CheckpointRequest(session_id=sid, step_id=0, tag="final"))
+    assert e.value.code == "FAILED_PRECONDITION" and not rt.final_dir.exists()
+    for step in range(STEPS):
+        assert rt.step(_request(client, b[step % 3], sid, step)).applied
+    for _ in range(2):
+        assert rt.checkpoint(pb.CheckpointRequest(session_id=sid, step_id=STEPS, tag="final")).path == "final"
+    assert (rt.final_dir / "DONE").exists() and len(writes) == 2
+
+
+def test_a_handshake_with_an_oversized_configuration_or_name_is_refused(setup):
+    rt, _, scfg, _ = setup
+    hello = make_hello(scfg, "a")
+    hello.config_hash = "differs"
+    hello.config_json = "[" * 70_000
+    with pytest.raises(SplitError, match="configuration JSON of 70000 bytes") as e:
+        rt.handshake(hello)
+    assert e.value.code == "INVALID_ARGUMENT"
+    hello.config_json = "[" * 60_000  # within the limit but nested too deep to read: named, not INTERNAL
+    with pytest.raises(SplitError, match="unreadable configuration JSON"):
+        rt.handshake(hello)
+    with pytest.raises(SplitError, match="longer than 64") as e:
+        rt.handshake(make_hello(scfg, "x" * 65))
+    assert e.value.code == "INVALID_ARGUMENT" and not rt.sessions
+
+
+def test_a_u_cut_forward_without_its_backward_loses_the_turn_and_then_the_right_to_forward(data):
+    cfg = micro()
+    scfg, tok, client, server = stage_parts(cfg, "stage2", data)
+    rt = ServerRuntime(server, scfg, "stage2", total_steps=STEPS, cut="u", busy_timeout=0.2, max_turn_expiries=2)
+    ds = LlavaDataset.load(data / "instruct_train.json", data / "images", tok, template=template_name(cfg),
+                           image_size=cfg.vision.image_size, num_image_tokens=cfg.vision.num_image_tokens,
+                           max_length=cfg.data.max_length)
+    batch = collate([ds[0], ds[1]], pad_id=tok.pad_token_id)
+
+    def forward(sid, step=0):
+        req = _request(client, batch, sid, step)
+        req.label_mask, req.label_ids, req.label_width = b"", b"", 0
+        return rt.step(req, peer=rt.sessions[sid].owner)
+
+    mallory = rt.handshake(make_hello(scfg, "mallory", cut="u"), peer="mallory").session_id
+    honest = rt.handshake(make_hello(scfg, "honest", cut="u"), peer="honest").session_id
+    for strike in (1, 2):
+        assert forward(mallory).hidden  # takes the turn and never sends the backward
+        assert forward(honest).hidden  # waits at most busy_timeout, then the turn is taken from mallory
+        assert rt.turn_expiries == {"mallory": strike} and rt.sessions[mallory].turn_expired
+        with pytest.raises(SplitError, match="lost the U-cut turn"):
+            forward(mallory)
+        rt.handshake(make_hello(scfg, "mallory", session_id=mallory, resume_step=0, cut="u"), peer="mallory")
+        rt.handshake(make_hello(scfg, "honest", session_id=honest, resume_step=0, cut="u"), peer="honest")
+    with pytest.raises(SplitError, match="held the U-cut turn past") as e:
+        forward(mallory)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert forward(honest).hidden

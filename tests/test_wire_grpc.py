@@ -165,3 +165,120 @@ def test_strangers_with_unfinished_requests_hold_no_worker(echo_server):
     finally:
         never.set()
         channel.close()
+
+
+METHOD = "/qtllava.split.v1.Split/"
+
+
+def _stalled(channel, method: str, first: bytes, token: str, name: str, release: threading.Event):
+    """A call that sends `first` and then nothing until `release` is set; -> a future of its status code."""
+    def requests():
+        yield first
+        release.wait(30)
+
+    call = channel.stream_stream(METHOD + method)(requests(), metadata=[("x-qtllava-client", name),
+                                                                        ("authorization", f"Bearer {token}")],
+                                                 timeout=30)
+    result = {}
+
+    def drain():
+        try:
+            for _ in call:
+                pass
+            result["code"] = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            result["code"] = e.code()
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    return t, result
+
+
+def test_stalled_calls_neither_hold_the_server_nor_slow_an_honest_client():
+    """Calls that never finish their request: strangers are refused from their metadata at once; an authenticated
+    staller gets `max_calls_per_client` calls in flight (the rest RESOURCE_EXHAUSTED at once), each cancelled at the
+    read deadline; an honest client keeps stepping at its usual time throughout."""
+    handler = Echo()
+    handler.refused = {}
+    server, port = start_server(handler, ServerOptions(
+        listen="127.0.0.1:0", tokens={"alice": "a-key", "mallory": "m-key"}, workers=4, read_seconds=1.5,
+        max_calls_per_client=2))
+    release = threading.Event()
+    try:
+        honest = _link(port)
+        req = pb.StepRequest(session_id="s1", step_id=0, image=b"x" * 1000)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            honest.step(req)
+        usual = (time.perf_counter() - t0) / 5
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            strangers = [_stalled(ch, "Handshake", b"\x0a\x01", "wrong", "alice", release) for _ in range(8)]
+            chunk = pb.Chunk(kind="step", index=0, count=2, data=b"y" * 100).SerializeToString()
+            stallers = [_stalled(ch, "StepStream" if i % 2 else "Step", chunk if i % 2 else b"\x0a\x01", "m-key",
+                                 "mallory", release) for i in range(6)]
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                honest.step(req)
+            under_attack = (time.perf_counter() - t0) / 5
+            for t, _ in strangers + stallers:
+                t.join(10)
+            codes = [r["code"] for _, r in stallers]
+            assert all(r["code"] == grpc.StatusCode.UNAUTHENTICATED for _, r in strangers)
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+            assert codes.count(grpc.StatusCode.CANCELLED) == 2  # cancelled at the read deadline
+        assert handler.refused == {"calls_per_client": 4, "read_deadline": 2}
+        assert under_attack < max(5 * usual, 0.5), (usual, under_attack)
+        assert honest.step(req).loss == 0.5 and handler.steps == 11
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_a_chunk_after_the_last_and_a_second_unary_message_are_refused(echo_server):
+    _, port = echo_server
+    md = [("x-qtllava-client", "alice"), ("authorization", "Bearer a-key")]
+    step = pb.StepRequest(session_id="s1", image=b"z" * 10).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        chunks = [pb.Chunk(kind="step", index=0, count=1, data=step).SerializeToString(),
+                  pb.Chunk(kind="step", index=1, count=1, data=b"extra").SerializeToString()]
+        with pytest.raises(grpc.RpcError) as e:
+            list(ch.stream_stream(METHOD + "StepStream")(iter(chunks), metadata=md, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "after the last" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(ch.stream_stream(METHOD + "Step")(iter([step, step]), metadata=md, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than one" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a handshake larger than any configuration
+            ch.unary_unary(METHOD + "Handshake")(b"\x1a\x80\x80\x40" + b"c" * (1 << 20), metadata=md, timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_internal_errors_log_one_traceback_per_kind_and_are_counted(echo_server, caplog):
+    handler, port = echo_server
+    handler.refused = {}
+    link = _link(port)
+    with caplog.at_level("DEBUG", logger="qtllava.wire.grpc_transport"):
+        for _ in range(5):
+            with pytest.raises(RemoteError) as e:
+                link.step(pb.StepRequest(image=b"boom"))
+            assert e.value.code == grpc.StatusCode.INTERNAL
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "RuntimeError" in tracebacks[0].getMessage()
+
+
+def test_a_tls_key_that_does_not_match_its_certificate_is_named(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    for name in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.pem")],
+                       check=True, capture_output=True)
+    with pytest.raises(ValueError, match=r"b.key does not match the certificate .*a.pem"):
+        start_server(Echo(), ServerOptions(listen="127.0.0.1:0", tls_cert=str(tmp_path / "a.pem"),
+                                           tls_key=str(tmp_path / "b.key")))
+    server, port = start_server(Echo(), ServerOptions(listen="127.0.0.1:0", tls_cert=str(tmp_path / "a.pem"),
+                                                      tls_key=str(tmp_path / "a.key")))
+    server.stop(0)
+    assert port > 0

@@ -1,4 +1,5 @@
-"""`fsq`: the paper's learned scalar quantizer (DESIGN 1.2), with `pack` or `ans` index coding.
+"""`fsq`: the paper's learned scalar quantizer (Quantized-TinyLLaVA, arXiv 2511.23402), with `pack` or `ans` index
+coding.
 
 Client: x (N, D) -> Linear(D -> d_code) -> robust normalisation onto [-1, 1] -> L uniform levels (both endpoints
 included) with a straight-through estimator -> indices, coded by `pack` (ceil(log2 L) bits each) or `ans`.
@@ -16,24 +17,25 @@ Loss terms returned as `aux_loss` (added to the client's loss):
 
 Normalisation statistics: `over="sample"` uses each row's own mean and standard deviation (population std over the
 d_code channels of that token), so a token's codes never depend on other tokens, other samples or the batch size;
-this is our reading of DESIGN's per-sample statistics for a codec that sees rows of several samples. `over="batch"`
+this is our reading of the paper's per-sample statistics for a codec that sees rows of several samples. `over="batch"`
 uses one mean/std pair over the whole (N, d_code) tensor, as the paper does.
 
 Clipping width (`width`, config `norm_width`): the paper clips at mean +- 3 std, which for L = 4 puts the levels at
 +-1 and +-3 std and sends 95 % of a bell-shaped row to the two inner levels. `width=0` (our default) takes the width
 of the mean-squared-error-optimal uniform quantizer of a unit Gaussian with L levels (Max 1960; `gaussian_width`):
 0.80, 1.49, 2.05, 2.51 std for L = 2, 4, 8, 16. On the tiny baseline's connector rows that cuts the relative squared
-error of an L = 4 round trip from 0.27 (width 3) to 0.115 (docs/study.md, "Session 6").
+error of an L = 4 round trip from 0.27 (width 3) to 0.115 (docs/experiments.md, "Which clipping width should fsq
+use?").
 
-Sending the statistics (`send_stats`, our default; the paper sends none): each row's mean and std go in the
-packet's side information as two fp16 numbers (32 bits per row: 0.125 bits per element at d_code = 256, 0.036 at
-896), and the server dequantizes each row of levels to that mean and std (`restore_stats`), i.e. back to the
-encoder's output scale. Without them the normalisation drops each row's scale and position for good: a fresh
-decoder hands the LLM standardised rows whatever the scale it was trained on (image rows reached the tiny LLM
-3.4x too small, text rows 40-120x too large; docs/study.md), and rows that differ only in scale (an object patch
-against the white canvas) look alike. On the client the sent values are computed from the same fp16 numbers, so
-both sides hold bit-equal values, and the gradient flows to the encoder through the statistics as well as through
-the levels (straight-through).
+Sending the statistics (`send_stats`, our default; the paper sends none): each row's mean and std go in the packet's
+side information as two fp16 numbers (32 bits per row: 0.125 bits per element at d_code = 256, 0.036 at 896), and the
+server dequantizes each row of levels to that mean and std (`restore_stats`), i.e. back to the encoder's output scale.
+Without them the normalisation drops each row's scale and position for good: a fresh decoder hands the LLM standardised
+rows whatever the scale it was trained on (image rows reached the tiny LLM 3.4x too small, text rows 40-120x too large;
+docs/experiments.md, "Why did fsq L = 2 lose the existence questions?"), and rows that differ only in scale (an object
+patch against the white canvas) look alike. On the client the sent values are computed from the same fp16 numbers, so
+both sides hold bit-equal values, and the gradient flows to the encoder through the statistics as well as through the
+levels (straight-through).
 """
 
 from __future__ import annotations
@@ -279,7 +281,8 @@ class FsqDecoder(ServerCodec):
         # Output scale, fixed (not trained): 1 for a fresh decoder; a least-squares warm start (`fit_decoder`) puts
         # the scale of its target rows here and keeps `proj` at the size of a fresh one, so that the optimizer's
         # steps (Adam: ~lr per weight, whatever the weight's size) stay small against the weights. Fitted straight
-        # into `proj`, a text decoder (rows of std 0.024) was undone within the 300 steps of stage 1 (docs/study.md).
+        # into `proj`, a text decoder (rows of std 0.024) was undone within the 300 steps of stage 1
+        # (docs/experiments.md, "Why did fsq L = 4 cost far more on the 24000-step base than on the weak base?").
         self.register_buffer("out_scale", torch.ones(()))
         _init_decoder(self.proj, self.init_gain)
 

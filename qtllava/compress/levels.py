@@ -1,4 +1,4 @@
-"""Choosing the number of levels L (library half of `qtllava levels`, DESIGN 1.3).
+"""Choosing the number of levels L (library half of `qtllava levels`; docs/codecs.md, "Choosing L").
 
 For each modality and each L in a range: the empirical entropy of the indices (bits per element, the lower bound
 for any lossless code of these symbols under a per-symbol model), the bits per element actually sent by `pack`

@@ -61,7 +61,7 @@ _INSTRUCT_MIX = (0.45, 0.2, 0.35)
 _P_CAPTION_TURN = 0.3
 _WORLD_WORD_WEIGHT = 20
 # Multiple-choice turns: the letter is a second look-up (which option holds my answer) that the from-scratch decoder
-# learns late (docs/baseline.md); at 0.3 they were 8 % of the turns and soc-mc stayed below its majority. With
+# learns late (docs/experiments.md); at 0.3 they were 8 % of the turns and soc-mc stayed below its majority. With
 # probability _P_MC_PAIRED, where both fit the text budget (about a fifth of them on the tiny data), the same question
 # comes first in free form, so the letter look-up is also seen with the answer in the text.
 _P_MC_LEAD = 0.7

@@ -384,7 +384,7 @@ def caption_order(scene: Scene) -> list[Obj]:
     Keyed by colour on purpose: predicting the words after a colour word then needs a look-up of that colour in the
     image, the same look-up every question about "the <colour> object" needs. With reading order (top row first)
     a caption can be produced by scanning the image, and a from-scratch decoder never learnt the colour look-up
-    (docs/baseline.md, "On the real model: captions keyed by colour")."""
+    (docs/experiments.md, "Do captions keyed by colour teach the real model the colour look-up?")."""
     palette = list(SOC_COLORS if scene.kind == "soc" else SHAPE_COLORS)
     return sorted(scene.objects, key=lambda o: (palette.index(o.color), SHAPES.index(o.shape), o.row, o.col))
 

@@ -1,4 +1,4 @@
-"""`qtllava levels`: choose the number of levels L on a real checkpoint's features (DESIGN 1.3, issue 4 item 6).
+"""`qtllava levels`: choose the number of levels L on a real checkpoint's features (docs/codecs.md).
 
 The level analysis itself (`qtllava.compress.levels`) works on rows of numbers; this module feeds it the rows a
 checkpoint's client really quantizes. It sits above model, data and compress (compress never imports the model).
@@ -279,7 +279,7 @@ def levels_for_checkpoint(checkpoint: str | Path | None = None, data_root: str |
         n = max(sum(r["numel"] for r in rws), 1)
         for k in keys:
             o[k] = sum(r[k] * r["numel"] for r in rws) / n
-    # DESIGN 1.3 (c): rate = bits really sent. The recommendation is made on the per-batch packets (payload + side
+    # The rate is the bits really sent. The recommendation is made on the per-batch packets (payload + side
     # information, as `analyze_levels` counts them); its choice on all rows as one array is kept beside it.
     res["recommended_one_array"], res["reasoning_one_array"] = res["recommended"], res["reasoning"]
     sent = [{**o, "ans_bits": o["ans_sent_bits"], "pack_bits": o["pack_sent_bits"]} for o in res["overall"]]
@@ -338,7 +338,7 @@ def _reasoning(res: dict, cr: CheckpointRows) -> str:
     else:
         text.append("The checkpoint has no fsq encoder: the raw rows were quantized by a fresh (identity) fsq "
                     "encoder, i.e. before any training with the quantizer (training with the distortion loss may "
-                    "spread the codes and raise H; DESIGN 1.3).")
+                    "spread the codes and raise H).")
     return " ".join(text)
 
 

@@ -70,13 +70,16 @@ def make_hello(cfg: Config, name: str = "client", session_id: str = "", cut: str
                     cut=cut, resume=resume_step is not None, resume_step=resume_step or 0)
 
 
-def _reply_tensor(data: bytes, numel: int | None, what: str) -> torch.Tensor:
-    """A tensor from the server's reply, refused (WireError) when malformed, of another size than `numel` (checked
-    before decoding) or not finite: a hostile or broken server must not reach the client's weights."""
+def _reply_tensor(data: bytes, numel: int | None, what: str, at_most: int | None = None) -> torch.Tensor:
+    """A tensor from the server's reply, refused (WireError) when malformed, of another size than `numel` or more
+    elements than `at_most` (both checked before decoding), or not finite: a hostile or broken server must not
+    reach the client's weights."""
     try:
         packet = Packet.from_bytes(data)
         if numel is not None and packet.numel != numel:
             raise WireError(f"{packet.numel} elements for {numel}")
+        if at_most is not None and packet.numel > at_most:
+            raise WireError(f"{packet.numel} elements, at most {at_most} expected")
         t = decode_grad(packet)
     except (PacketError, ValueError) as e:
         raise WireError(f"the server's {what} is malformed: {e}") from e
@@ -178,7 +181,9 @@ class ClientRuntime:
                 payload_up["labels"] += len(mask) + len(ids)
             else:
                 reply = send(req)  # -> the server's final hidden states at the predicting positions
-                hidden = _reply_tensor(reply.hidden, None, "hidden states").requires_grad_(True)
+                bsz, seq = batch["input_ids"].shape
+                hidden = _reply_tensor(reply.hidden, None, "hidden states",
+                                       at_most=bsz * seq * self.part.hidden_size).requires_grad_(True)
                 payload_down["hidden"] += len(reply.hidden)
                 loss, _ = head_loss(self.head, hidden, batch["labels"], out.layout, self.cfg.train.loss_average)
                 (loss / count).backward()
@@ -194,9 +199,9 @@ class ClientRuntime:
             try:
                 g_img = _reply_tensor(reply.image_grad, out.image.values.numel(), "image-row gradient")
                 g_txt = self._text_grad(reply.text_grad, out.text.values)
-            except WireError:
+            except (WireError, ValueError) as e:
                 self.zero_grad()  # nothing of this step reaches the weights
-                raise
+                raise e if isinstance(e, WireError) else WireError(f"the server's gradient reply: {e}") from e
             aux = out.image.aux_loss + out.text.aux_loss
             tensors, grads = [], []
             for v, g in ((out.image.values, g_img), (out.text.values, g_txt)):
@@ -242,7 +247,7 @@ class ClientRuntime:
                                 f"{NO_GRADIENT!r}")
             return None
         merged = self.cfg.compress.merge_text_rows
-        g = _reply_tensor(data, None if merged else values.numel(), "text-row gradient")
+        g = _reply_tensor(data, None if merged else values.numel(), "text-row gradient", at_most=values.numel())
         return spread_rows(g, values) if merged else g
 
     def _downlink(self) -> str:
@@ -292,7 +297,7 @@ class ClientRuntime:
             if bool(((ids < 0) | (ids >= self.vocab_size)).any()):
                 raise WireError(f"the server's next token ids lie outside the vocabulary ({self.vocab_size})")
             return ids
-        hidden = _reply_tensor(reply.hidden, None, "hidden states").reshape(bsz, -1)
+        hidden = _reply_tensor(reply.hidden, bsz * self.part.hidden_size, "hidden states").reshape(bsz, -1)
         return self.head(hidden.to(self.head.lm_head.weight.dtype)).argmax(dim=-1)
 
     # --- checkpoints ------------------------------------------------------------------------------------------

@@ -175,12 +175,14 @@ def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows:
     -> micro-batches, as `stage_batches` returns): the first `max_rows` rows, or every image of the first 64 steps.
 
     At one bit a frozen identity decoder hands the LLM rows whose elements all sit at the row's mean +- its std,
-    20-40 % of their variance lost; a linear map fitted on the same codes loses 0.7-4 % (benchmarks/refit_probe.py,
-    docs/study.md). Refitted every few steps under a connector that trains from scratch, such a map gave the LLM no
-    stable input; fitted once, on a connector that already speaks the LLM's language, it does not move (measured on
-    the tiny study: it leaves 0.6-1 % of the rows' squared norm, and glyph reading is no better for it; docs/study.md,
-    "Session 17"). The rows are the client's own data and are used in-process only. Returns the relative squared
-    error of the fit, or None when the image codec has no learned decoder."""
+    20-40 % of their variance lost; a linear map fitted on the same codes loses 0.7-4 % (docs/experiments.md,
+    "Does an image decoder refitted by least squares during training help one bit?"). Refitted every few steps
+    under a connector that trains from scratch, such a map gave the LLM no stable input; fitted once, on a
+    connector that already speaks the LLM's language, it does not move (measured on the tiny study: it leaves
+    0.6-1 % of the rows' squared norm, and glyph reading is no better for it; docs/experiments.md, "Does starting
+    the codecs at stage 2, behind a fitted image decoder, close the one-bit glyph gap?"). The rows are the client's
+    own data and are used in-process only. Returns the relative squared error of the fit, or None when the image
+    codec has no learned decoder."""
     if not isinstance(client.image_codec, FsqEncoder) or not isinstance(server.image_codec, FsqDecoder):
         return None
     rows, n = [], 0
@@ -209,13 +211,13 @@ def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_r
     """Warm start of a fresh learned text codec: the server's decoder fitted by least squares on the token rows.
 
     The normalisation removes each row's scale, so a fresh decoder hands the LLM standardised rows (std ~1 per
-    element), while the base LLM was trained on the embedding table's own scale (tiny preset: std 0.024, ~40x
-    smaller). Left so, the text rows swamp the residual stream of the frozen stage-1 LLM and stage 2 has to undo it
-    (measured: L = 2 text codes lost the yes/no existence questions; docs/study.md). What the text codec encodes at
-    the start of a stage is exactly the rows of the pretrained embedding table (a public part of the pretrained
-    weights, read from `folder`), so the server process fits its decoder from that file alone, with nothing
-    private crossing, and gets what a single process gets. Only `fsq` has a learned decoder; other codecs keep
-    the scale themselves. Returns the relative squared error of the fit, or None when nothing was fitted.
+    element), while the base LLM was trained on the embedding table's own scale (tiny preset: std 0.024, ~40x smaller).
+    Left so, the text rows swamp the residual stream of the frozen stage-1 LLM and stage 2 has to undo it (measured: L
+    = 2 text codes lost the yes/no existence questions; docs/experiments.md). What the text codec encodes at the start
+    of a stage is exactly the rows of the pretrained embedding table (a public part of the pretrained weights, read
+    from `folder`), so the server process fits its decoder from that file alone, with nothing private crossing, and
+    gets what a single process gets. Only `fsq` has a learned decoder; other codecs keep the scale themselves. Returns
+    the relative squared error of the fit, or None when nothing was fitted.
     """
     if not isinstance(client.text_codec, FsqEncoder) or not isinstance(server.text_codec, FsqDecoder):
         return None

@@ -45,6 +45,8 @@ __all__ = ["ServerRuntime", "SplitError", "describe_config_difference", "HASH_SE
 log = logging.getLogger(__name__)
 
 HASH_SECTIONS = ("vision", "connector", "llm", "compress")
+MAX_CONFIG_JSON = 1 << 16  # bytes of a handshake's configuration JSON the server reads
+MAX_NAME = 64  # characters of a client name
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STEP_FIELDS_UP = ("layout", "image", "text", "label_mask", "label_ids", "hidden_grad")
@@ -101,6 +103,9 @@ class Session:
     loss_sum: float = 0.0
     owner: str = ""  # the identity the transport authenticated when the session was opened ("" = none)
     closed: bool = False
+    checkpointed_step: int = -1  # the step of this session's last checkpoint (one per step)
+    final_written: bool = False
+    turn_expired: bool = False  # U cut: its pending forward was dropped; it must resume before stepping again
 
     def reset_step(self) -> None:
         self.micro_done = 0
@@ -115,7 +120,8 @@ class ServerRuntime:
     def __init__(self, part: ServerPart, cfg: Config, stage: str | None = None, total_steps: int = 0,
                  checkpoint_dir: str | Path | None = None, generator_seed: int = 0, cut: str = "paper",
                  final_dir: str | Path | None = None, metrics_path: str | Path | None = None,
-                 busy_timeout: float = 30.0):
+                 busy_timeout: float = 30.0, max_generations_per_client: int = 4,
+                 generation_idle_seconds: float = 120.0, max_turn_expiries: int = 3):
         self.part = part
         self.cfg = cfg
         self.stage = stage
@@ -126,6 +132,11 @@ class ServerRuntime:
                                                             if self.checkpoint_dir else None)
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.busy_timeout = busy_timeout
+        self.max_generations_per_client = max_generations_per_client
+        self.generation_idle_seconds = generation_idle_seconds
+        self.max_turn_expiries = max_turn_expiries
+        self._owner_since = 0.0
+        self.turn_expiries: dict[str, int] = {}  # U cut: turns held past `busy_timeout`, by identity
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
         self._turn = threading.Condition(self.lock)
@@ -166,6 +177,11 @@ class ServerRuntime:
         if peer and req.client_name and req.client_name != peer:
             raise SplitError(f"client_name {bounded(req.client_name)} is not the authenticated client "
                              f"{bounded(peer)}", "PERMISSION_DENIED")
+        if len(req.client_name) > MAX_NAME:
+            raise SplitError(f"client_name longer than {MAX_NAME} characters", "INVALID_ARGUMENT")
+        if len(req.config_json) > MAX_CONFIG_JSON:
+            raise SplitError(f"configuration JSON of {len(req.config_json)} bytes (at most {MAX_CONFIG_JSON})",
+                             "INVALID_ARGUMENT")
         if req.protocol_version != PROTOCOL_VERSION:
             raise SplitError(f"protocol version {req.protocol_version} not supported (server speaks "
                              f"{PROTOCOL_VERSION})", "FAILED_PRECONDITION")
@@ -176,7 +192,7 @@ class ServerRuntime:
                     theirs = json.loads(req.config_json)
                     ours = {k: v for k, v in to_dict(self.cfg).items() if k in HASH_SECTIONS}
                     diff = describe_config_difference(ours, theirs)
-                except (json.JSONDecodeError, AttributeError):
+                except (json.JSONDecodeError, AttributeError, RecursionError):
                     diff = ["(client sent unreadable configuration JSON)"]
             raise SplitError("configuration hash differs from the server's: " + ("; ".join(diff) or "unknown keys"),
                              "FAILED_PRECONDITION")
@@ -199,6 +215,7 @@ class ServerRuntime:
             if req.resume:
                 self._release(sid)
                 sess.reset_step()
+                sess.turn_expired = False
                 sess.last_key, sess.last_reply = (-1, -1, -1), b""
                 if req.resume_step < sess.next_step or (req.resume_step > 0 and sess.next_step == 0):
                     rolled_back = self._roll_back(sess, req.resume_step)
@@ -249,7 +266,7 @@ class ServerRuntime:
         if sess.owner != peer:
             raise SplitError(f"session {sess.session_id} belongs to another client", "PERMISSION_DENIED")
 
-    def _refuse(self, reason: str, error: SplitError) -> SplitError:
+    def _refuse(self, reason: str, error: SplitError | None) -> SplitError | None:
         """Count a refusal by reason (reported in `state()`) and hand the error back to raise."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
         return error
@@ -277,20 +294,30 @@ class ServerRuntime:
     def _wait_turn(self, sid: str) -> None:
         """U cut: wait (lock released) while another session is between its forward and backward message.
 
-        A session that keeps the turn longer than `busy_timeout` (its client died) loses its pending forward; if it
-        comes back, its backward is refused as out of order and it rolls back like any resuming client."""
-        deadline = time.monotonic() + self.busy_timeout
+        A session that keeps the turn longer than `busy_timeout` from when it took it (its client died, or it never
+        sends its backward) loses its pending forward and must resume before it steps again; an identity that does
+        so `max_turn_expiries` times is refused U-cut forwards from then on. The time is counted from when the
+        owner took the turn, so waiting sessions never take it from one another."""
         while self._owner not in (None, sid):
-            left = deadline - time.monotonic()
+            left = self._owner_since + self.busy_timeout - time.monotonic()
             if left <= 0:
                 stale = self.sessions.get(self._owner)
-                log.warning("session %s held the U-cut turn for %.0f s; dropping its pending forward", self._owner,
+                log.warning("session %s held the U-cut turn for %.1f s; dropping its pending forward", self._owner,
                             self.busy_timeout)
-                if stale is not None:
+                if stale is not None:  # its forward's reply is not replayed either: that graph is gone
                     stale.pending = None
+                    stale.turn_expired = True
+                    stale.last_key, stale.last_reply = (-1, -1, -1), b""
+                    who = stale.owner or stale.name
+                    self.turn_expiries[who] = self.turn_expiries.get(who, 0) + 1
+                self._refuse("turn_expired", None)
                 self._release(self._owner)
                 break
             self._turn.wait(left)
+
+    def _take_turn(self, sess: Session) -> None:
+        self._owner = sess.session_id
+        self._owner_since = time.monotonic()
 
     def _release(self, sid: str) -> None:
         if self._owner == sid:
@@ -316,6 +343,13 @@ class ServerRuntime:
                 reply.replayed = True
                 return reply
             if self.cut == "u":
+                if not backward and sess.turn_expired:
+                    raise SplitError(f"session {sess.session_id} lost the U-cut turn after {self.busy_timeout:.0f} s "
+                                     "without its backward; reconnect with resume", "FAILED_PRECONDITION")
+                if not backward and self.turn_expiries.get(sess.owner or sess.name, 0) >= self.max_turn_expiries:
+                    raise self._refuse("turn_expired", SplitError(
+                        f"client {bounded(sess.owner or sess.name)} held the U-cut turn past {self.busy_timeout:.0f} s "
+                        f"{self.max_turn_expiries} times; its forwards are refused", "RESOURCE_EXHAUSTED"))
                 self._wait_turn(sess.session_id)
                 sess = self._session(req.session_id, peer)
             if backward:
@@ -334,7 +368,7 @@ class ServerRuntime:
                     reply = self._train_micro(req, sess)
                 elif not backward:
                     reply = self._forward_u(req, sess)
-                    self._owner = sess.session_id
+                    self._take_turn(sess)
                 else:
                     try:
                         reply = self._backward_u(req, sess)
@@ -522,43 +556,69 @@ class ServerRuntime:
 
     @torch.no_grad()
     def generate(self, req: pb.GenerateRequest, peer: str = "") -> pb.GenerateReply:
+        """One round of batched greedy generation. Served only by a server started for generation (no stage): a
+        training server's weights move under its clients. Each identity may keep `max_generations_per_client`
+        generations open; one idle for `generation_idle_seconds` is dropped with its cache."""
+        if self.stage is not None:
+            raise SplitError(f"this server trains {self.stage}; generation is served by a server started for it "
+                             "(qtllava serve --stage none --init FOLDER)", "FAILED_PRECONDITION")
         with self.lock:
-            self._session(req.session_id, peer)
+            sess = self._session(req.session_id, peer)
             key = (req.session_id, req.generation_id)
+            self._drop_idle_generations()
             if req.close:
                 self.generations.pop(key, None)
                 return pb.GenerateReply(generation_id=req.generation_id, round=req.round)
-            text = self._values(req.text, self.part.text_codec, "text")
+            who = sess.owner or sess.name
+            if req.round == 0 and key not in self.generations and sum(
+                    1 for sid, _ in self.generations if (self.sessions[sid].owner or self.sessions[sid].name) == who
+            ) >= self.max_generations_per_client:
+                raise self._refuse("open_generations", SplitError(
+                    f"client {bounded(who)} has {self.max_generations_per_client} generations open; close one "
+                    "(GenerateRequest.close) first", "RESOURCE_EXHAUSTED"))
             try:
                 with identity_head(self.part.llm) if self.cut == "u" else nullcontext():
-                    if req.round == 0:
+                    if req.round == 0:  # rows are checked against the layout before anything is decoded
                         self._check_size(req.batch, req.seq_len)
                         layout = Layout.from_bytes(req.layout, (req.batch, req.seq_len))
-                        image = self._values(req.image, self.part.image_codec, "image")
+                        text = self._values(req.text, self.part.text_codec, "text", layout.n_text)
+                        image = self._values(req.image, self.part.image_codec, "image", layout.n_image)
                         logits, cache = self.part.prefill(image, text, layout)
                     else:
                         if key not in self.generations:
                             raise SplitError(f"generation {req.generation_id} has no prompt (round 0) on this "
                                              "server", "FAILED_PRECONDITION")
-                        cache, layout = self.generations[key]
+                        cache, layout, _ = self.generations[key]
+                        # one new text row per sequence
+                        text = self._values(req.text, self.part.text_codec, "text", layout.shape[0])
                         logits, cache = self.part.extend(text, cache, layout)
                         layout = layout.append_text()  # the next round's positions follow the new column
             except (ValueError, RuntimeError) as e:
                 if isinstance(e, SplitError):
                     raise
                 raise SplitError(f"generation {req.generation_id}: {e}", "INVALID_ARGUMENT") from e
-            self.generations[key] = (cache, layout)
+            self.generations[key] = (cache, layout, time.monotonic())
             if self.cut == "u":  # "logits" are the last hidden states; the client applies its head
                 return pb.GenerateReply(generation_id=req.generation_id, round=req.round,
                                         hidden=encode_grad(logits, self._downlink()).to_bytes())
             next_ids = logits.argmax(dim=-1)
             return pb.GenerateReply(generation_id=req.generation_id, round=req.round, next_ids=ids_to_bytes(next_ids))
 
+    def _drop_idle_generations(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, v in self.generations.items() if now - v[2] > self.generation_idle_seconds]:
+            del self.generations[key]
+            log.info("generation %s of session %s idle for %.0f s: dropped", key[1], key[0],
+                     self.generation_idle_seconds)
+
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def checkpoint(self, req: pb.CheckpointRequest, peer: str = "") -> pb.CheckpointReply:
         """Save at the session's step boundary: `<checkpoint_dir>/<session>/step-NNNNNN`, or `final_dir` for
-        tag "final". Refused (FAILED_PRECONDITION) when the client's step differs from the session's."""
+        tag "final". Refused (FAILED_PRECONDITION) when the client's step differs from the session's.
+
+        Server-side policy: one checkpoint per session and step (asking again returns the one written); the final
+        folder only once a session has applied the stage's steps, and once per session."""
         if req.tag not in ("", "final"):
             raise SplitError(f"checkpoint tag must be empty or 'final', got {req.tag!r}", "INVALID_ARGUMENT")
         with self.lock:
@@ -569,10 +629,19 @@ class ServerRuntime:
                 raise SplitError(f"checkpoint at step {req.step_id}, but session is at step {sess.next_step} "
                                  f"micro {sess.micro_done}", "FAILED_PRECONDITION")
             if req.tag == "final":
+                if self.total_steps and sess.next_step < self.total_steps:
+                    raise SplitError(f"the final folder is written after the stage's {self.total_steps} steps; "
+                                     f"session {sess.session_id} is at step {sess.next_step}", "FAILED_PRECONDITION")
                 target = self.final_dir
+                if not sess.final_written:
+                    self._save_atomic(target)
+                    sess.final_written = True
             else:
                 target = self.checkpoint_dir / sess.session_id / f"step-{sess.next_step:06d}"
-            path = self._save_atomic(target)
+                if sess.checkpointed_step != sess.next_step or not (target / "DONE").exists():
+                    self._save_atomic(target)
+                    sess.checkpointed_step = sess.next_step
+            path = target
             # the reply names the checkpoint, not where the server keeps its files
             return pb.CheckpointReply(path=path.name if req.tag else f"{sess.session_id}/{path.name}",
                                       step_id=sess.next_step)

@@ -18,6 +18,7 @@ from torch import nn
 
 from qtllava.model.layout import PAD, TEXT, Layout
 from qtllava.model.loss import IGNORE_INDEX, label_weights, lm_loss
+from qtllava.model.parts import ServerPart
 
 __all__ = ["CUTS", "check_cut", "predicting_mask", "ClientHead", "identity_head", "head_loss", "HEAD_FOLDER",
            "load_head_weight"]
@@ -72,7 +73,8 @@ class ClientHead(nn.Module):
 
 def load_head_weight(init: Path) -> torch.Tensor:
     """The LM head a U-cut client starts from: `init/client_head` if a U-cut stage wrote it, else the head in
-    `init/server` (the paper-cut server part). Raises FileNotFoundError naming both places."""
+    `init/server` (the paper-cut server part; where that part keeps its LLM by reference to a pretrained folder, the
+    head comes from building the part). Raises FileNotFoundError naming both places."""
     own = init / HEAD_FOLDER / "model.safetensors"
     server = init / "server" / "model.safetensors"
     for file, key in ((own, "lm_head.weight"), (server, _SERVER_HEAD_KEY)):
@@ -80,6 +82,8 @@ def load_head_weight(init: Path) -> torch.Tensor:
             with safe_open(str(file), framework="pt") as f:
                 if key in f.keys():
                     return f.get_tensor(key)
+    if (init / "server" / "config.json").is_file():
+        return ServerPart.from_pretrained(init / "server").llm.get_output_embeddings().weight.detach().clone()
     raise FileNotFoundError(f"the U cut needs the LM head: neither {own} nor {server} holds it")
 
 

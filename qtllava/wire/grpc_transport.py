@@ -6,12 +6,21 @@ above `max_message_bytes` are refused with RESOURCE_EXHAUSTED and the server kee
 requests itself (raw-bytes handlers), so a malformed message gets INVALID_ARGUMENT instead of gRPC's INTERNAL.
 Retries: the client retries UNAVAILABLE (server away) and ABORTED (server busy) with exponential backoff; step ids
 make a retried step idempotent on the server.
+
+Capacity: the token is checked from the call's metadata before any request byte is read (`_TokenGate`); every method
+is served by a streaming handler that reads its request under a deadline (`read_seconds`; a call that has not
+delivered its whole request by then is cancelled), so no peer holds a worker by sending slowly; each identity may have
+`max_calls_per_client` calls in flight and the server `max_concurrent_calls` in all (more are refused with
+RESOURCE_EXHAUSTED, never queued); small messages have small limits (`REQUEST_LIMITS`), checked before parsing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import ssl
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -37,6 +46,9 @@ SERVICE = "qtllava.split.v1.Split"
 METHODS = {"handshake": "Handshake", "step": "Step", "generate": "Generate", "checkpoint": "Checkpoint",
            "close": "Close"}
 REPLY_CHUNK_BYTES = 1 << 20
+# The largest request of each unary kind the server reads (bytes, serialized); steps and generation prompts are
+# bounded by `max_message_bytes`. A handshake carries the client's configuration (a few kB).
+REQUEST_LIMITS = {"handshake": 1 << 18, "checkpoint": 1 << 12, "close": 1 << 12}
 
 
 @dataclass
@@ -53,6 +65,12 @@ class ServerOptions:
     # HTTP/2 connections idle this long are closed; keepalive pings from clients more often than every 10 s (or
     # without calls in flight) are refused by gRPC's ping policy
     idle_seconds: float = 300.0
+    # a call must have delivered its whole request (every chunk of a streamed step) this long after it began
+    read_seconds: float = 120.0
+    # calls in flight per identity (the authenticated name; the claimed name under a shared token)
+    max_calls_per_client: int = 4
+    # an internal error's traceback is logged once per kind of error per this many seconds; the rest are counted
+    traceback_seconds: float = 60.0
 
 
 @dataclass
@@ -109,11 +127,20 @@ def read_tokens(path: str | Path) -> dict[str, str]:
 
 
 class _Servicer:
-    """Raw-bytes handlers around a `SplitHandler`: authorise, parse, call, map errors to statuses."""
+    """Streaming handlers around a `SplitHandler`: admit, read under a deadline, parse, call, map errors to
+    statuses."""
 
     def __init__(self, handler, options: ServerOptions):
         self.handler = handler
         self.options = options
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._logged: dict[tuple[str, str], float] = {}  # (call kind, error type) -> when its traceback was logged
+        self.refused: dict[str, int] = {}  # refusals of the transport by reason (read deadline, per-client limit)
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def _authorize(self, context) -> str:
         """Check the call's token; -> the authenticated identity: the client's name under per-client keys, the
@@ -128,6 +155,85 @@ class _Servicer:
                           f"bad or missing token for client {bounded(md.get(CLIENT_KEY, ''))}")
         return name or _certificate_name(context)
 
+    @contextlib.contextmanager
+    def _admit(self, peer: str, context):
+        """At most `max_calls_per_client` calls in flight per identity (the claimed client name where the token
+        names nobody); one more is refused at once."""
+        who = peer or "claimed:" + str(dict(context.invocation_metadata()).get(CLIENT_KEY, ""))[:64]
+        with self._lock:
+            n = self._in_flight.get(who, 0)
+            if n < self.options.max_calls_per_client:
+                self._in_flight[who] = n + 1
+        if n >= self.options.max_calls_per_client:
+            self._count("calls_per_client")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"client {bounded(who)} has {n} calls in flight (at most "
+                          f"{self.options.max_calls_per_client})")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[who] -= 1
+                if not self._in_flight[who]:
+                    del self._in_flight[who]
+
+    def _read(self, request_iterator, context, limit: int, chunked: bool) -> bytes:
+        """The whole request, read before `read_seconds` have passed since the call began (the call is cancelled
+        then). Unary kinds: exactly one message of at most `limit` bytes. Streamed steps: chunks in order, at most
+        `limit` bytes in all, and nothing after the last."""
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            context.cancel()
+
+        timer = threading.Timer(self.options.read_seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._read_all(request_iterator, context, limit, chunked)
+        except grpc.RpcError:  # the iterator of a cancelled call
+            if expired.is_set():
+                self._count("read_deadline")
+                log.warning("a call did not deliver its request within %.0f s; cancelled", self.options.read_seconds)
+            raise
+        finally:
+            timer.cancel()
+
+    def _read_all(self, request_iterator, context, limit: int, chunked: bool) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        count = None
+        for raw in request_iterator:
+            if not chunked:
+                if parts:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more than one request message in a unary call")
+                if len(raw) > limit:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {len(raw)} bytes exceeds {limit}")
+                parts.append(raw)
+                continue
+            if count is not None and len(parts) == count:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunk after the last of {count}")
+            try:
+                chunk = pb.Chunk.FromString(raw)
+            except DecodeError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Chunk: {e}")
+            if chunk.kind != "step":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected chunk kind {bounded(chunk.kind)}")
+            if count is None:
+                count = chunk.count
+            if chunk.index != len(parts) or chunk.count != count:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"chunk {chunk.index}/{chunk.count} out of order (expected {len(parts)}/{count})")
+            total += len(chunk.data)
+            if total > limit:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"streamed message exceeds {limit} bytes")
+            parts.append(chunk.data)
+        if not parts or (chunked and len(parts) != count):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request ended before its last "
+                          + ("chunk" if chunked else "message"))
+        return b"".join(parts)
+
     def _dispatch(self, kind: str, request, context, peer: str = ""):
         try:
             return getattr(self.handler, kind)(request, peer=peer)
@@ -138,8 +244,23 @@ class _Servicer:
                 status = grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, (ValueError, WireError)) \
                     else grpc.StatusCode.INTERNAL
             if status == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", kind)
+                self._log_internal(kind, e)
             context.abort(status, bounded(e, 1000, quote=False))
+
+    def _log_internal(self, kind: str, e: Exception) -> None:
+        """A traceback once per (call kind, error type) per `traceback_seconds`; the others one counted line."""
+        key = (kind, type(e).__name__)
+        now = time.monotonic()
+        with self._lock:
+            first = now - self._logged.get(key, -1e18) >= self.options.traceback_seconds
+            if first:
+                self._logged[key] = now
+            self.refused["internal"] = self.refused.get("internal", 0) + 1
+        if first:
+            log.error("%s failed (traceback logged once per %.0f s for %s)", kind, self.options.traceback_seconds,
+                      key[1], exc_info=e)
+        else:
+            log.debug("%s failed again: %s", kind, bounded(e, 200, quote=False))
 
     @staticmethod
     def _parse(kind: str, data: bytes, context):
@@ -148,39 +269,22 @@ class _Servicer:
         except (DecodeError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {MESSAGE_TYPES[kind][0].__name__}: {e}")
 
-    def unary(self, kind: str, data: bytes, context) -> bytes:
+    def unary(self, kind: str, request_iterator, context):
+        """A unary method served by a streaming handler (the same on the wire), so its request is read under the
+        deadline; yields the one reply."""
         peer = self._authorize(context)
-        request = self._parse(kind, data, context)
-        return self._dispatch(kind, request, context, peer).SerializeToString()
+        with self._admit(peer, context):
+            limit = REQUEST_LIMITS.get(kind, self.options.max_message_bytes)
+            request = self._parse(kind, self._read(request_iterator, context, limit, chunked=False), context)
+            reply = self._dispatch(kind, request, context, peer).SerializeToString()
+        yield reply
 
     def step_stream(self, request_iterator, context):
         peer = self._authorize(context)
-        parts: list[bytes] = []
-        total = 0
-        count = None
-        for raw in request_iterator:
-            try:
-                chunk = pb.Chunk.FromString(raw)
-            except DecodeError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed Chunk: {e}")
-            if chunk.kind != "step":
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected chunk kind {chunk.kind!r}")
-            if count is None:
-                count = chunk.count
-            if chunk.index != len(parts) or chunk.count != count:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"chunk {chunk.index}/{chunk.count} out of order (expected {len(parts)}/{count})")
-            total += len(chunk.data)
-            if total > self.options.max_message_bytes:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"streamed message exceeds {self.options.max_message_bytes} bytes")
-            parts.append(chunk.data)
-            if len(parts) == count:
-                break
-        if count is None or len(parts) != count:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before the last chunk")
-        request = self._parse("step", b"".join(parts), context)
-        reply = self._dispatch("step", request, context, peer).SerializeToString()
+        with self._admit(peer, context):
+            data = self._read(request_iterator, context, self.options.max_message_bytes, chunked=True)
+            request = self._parse("step", data, context)
+            reply = self._dispatch("step", request, context, peer).SerializeToString()
         n = max(1, -(-len(reply) // REPLY_CHUNK_BYTES))
         for i in range(n):
             data = reply[i * REPLY_CHUNK_BYTES:(i + 1) * REPLY_CHUNK_BYTES]
@@ -230,6 +334,18 @@ class _TokenGate(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+def _check_key_pair(cert: str, key: str) -> None:
+    """Refuse, with a message that says so, a private key that does not belong to its certificate (gRPC itself
+    reports only that the port could not be bound)."""
+    for path in (cert, key):
+        _read(path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ValueError(f"TLS: the key {key} does not match the certificate {cert}, or one of them is not PEM "
+                         f"({e.reason or e})") from None
+
+
 def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
     """Start serving `handler`; returns (server, bound port). Call `server.stop(grace)` to end."""
     limit = options.max_message_bytes
@@ -244,13 +360,18 @@ def start_server(handler, options: ServerOptions) -> tuple[grpc.Server, int]:
                                   ("grpc.http2.max_ping_strikes", 2),
                                   ("grpc.keepalive_permit_without_calls", 0)])
     servicer = _Servicer(handler, options)
+    if isinstance(getattr(handler, "refused", None), dict):
+        servicer.refused = handler.refused  # one count of refusals, the runtime's and the transport's
     # No (de)serializers: handlers see raw bytes and parse them, so malformed input maps to INVALID_ARGUMENT.
-    handlers = {name: grpc.unary_unary_rpc_method_handler(partial(servicer.unary, kind))
+    # Streaming handlers for the unary methods too (a unary call is one message each way on the wire): the
+    # handler, not gRPC, reads the request, under the read deadline.
+    handlers = {name: grpc.stream_stream_rpc_method_handler(partial(servicer.unary, kind))
                 for kind, name in METHODS.items()}
     handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(servicer.step_stream)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     if options.tls_cert:
+        _check_key_pair(options.tls_cert, options.tls_key)
         creds = grpc.ssl_server_credentials(
             [(_read(options.tls_key), _read(options.tls_cert))],
             root_certificates=_read(options.client_ca) if options.client_ca else None,
