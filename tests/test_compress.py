@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import zlib
 
 import pytest
 import torch
@@ -82,8 +83,17 @@ def test_bad_packets_raise(cfg):
         server.dequantize(dataclasses.replace(packet, shape=(10, packet.shape[1] + 1)))
     with pytest.raises(PacketError, match="not \\(rows, width\\)"):
         server.dequantize(dataclasses.replace(packet, shape=(packet.numel,)))
+    wire = packet.to_bytes()
+    with pytest.raises(PacketError, match="checksum does not match"):
+        Packet.from_bytes(wire[:-1])
+    body = wire[:-4][:-1]  # truncated, with a checksum that fits the truncated bytes
     with pytest.raises(PacketError, match="truncated"):
-        Packet.from_bytes(packet.to_bytes()[:-1])
+        Packet.from_bytes(body + zlib.crc32(body).to_bytes(4, "little"))
+    for bit in range(0, 8 * len(wire), max(1, 8 * len(wire) // 97)):  # any flipped bit is detected
+        flipped = bytearray(wire)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(PacketError):
+            Packet.from_bytes(bytes(flipped))
 
 
 def test_registry():

@@ -58,7 +58,11 @@ def test_split_over_grpc_equals_in_process(tmp_path):
             a, b = _weights(ref.final / side), _weights(folder)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), side
 
-        # Split inference: the trained server answers a question file as the in-process model does.
+        # Split inference: a server started for generation on the trained half answers a question file as the
+        # in-process model does (a training server refuses generation).
+        server.stop()
+        server, port = spawn_server([*ARGS, "--stage", "none", "--init", str(tmp_path / "server" / "final")],
+                                    tmp_path / "port-eval", tmp_path / "server-eval.log")
         questions = tmp_path / "questions.jsonl"
         lines = (data / "suites" / "soc-vqa" / "questions.jsonl").read_text().splitlines()[:6]
         questions.write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ where the codec learns). One codec instance is built per modality, each with its
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -40,7 +41,8 @@ class PacketError(ValueError):
 
 
 _MAGIC = b"QTPK"
-_VERSION = 1
+_VERSION = 2  # 2: a CRC-32 of the packet's bytes closes it
+_CRC = struct.Struct("<I")
 _MAX_DIMS = 8
 
 
@@ -73,7 +75,8 @@ class Packet:
         return n
 
     def to_bytes(self) -> bytes:
-        """The exact bytes sent on the wire (little-endian header + payload + side information)."""
+        """The exact bytes sent on the wire (little-endian header + payload + side information + CRC-32 of all of
+        it, so that corruption is detected instead of decoding to other valid codes)."""
         if len(self.shape) > _MAX_DIMS:
             raise PacketError(f"packet shape {self.shape} has more than {_MAX_DIMS} dimensions")
         parts = [_MAGIC, struct.pack("<B", _VERSION)]
@@ -85,12 +88,20 @@ class Packet:
         parts.append(struct.pack("<HB", self.levels, len(self.shape)))
         parts.append(struct.pack(f"<{len(self.shape)}I", *self.shape))
         parts += [struct.pack("<I", len(self.payload)), self.payload, struct.pack("<I", len(self.side)), self.side]
-        return b"".join(parts)
+        body = b"".join(parts)
+        return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Packet":
-        """Parse wire bytes; raises PacketError naming what is wrong."""
-        view = memoryview(data)
+        """Parse wire bytes; raises PacketError naming what is wrong (a checksum that does not match included)."""
+        if len(data) < 5 + _CRC.size or bytes(data[:4]) != _MAGIC:
+            raise PacketError("not a qtllava packet (bad magic)")
+        if data[4] != _VERSION:
+            raise PacketError(f"packet version {data[4]} not supported (expected {_VERSION})")
+        (crc,) = _CRC.unpack(data[-_CRC.size:])
+        view = memoryview(data)[:-_CRC.size]
+        if zlib.crc32(view) != crc:
+            raise PacketError("packet checksum does not match: the packet was corrupted on the way")
         pos = 0
 
         def take(n: int, what: str) -> memoryview:

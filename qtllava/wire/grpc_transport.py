@@ -191,14 +191,18 @@ class _Servicer:
         timer.daemon = True
         timer.start()
         try:
-            return self._read_all(request_iterator, context, limit, chunked)
-        except grpc.RpcError:  # the iterator of a cancelled call
+            data = self._read_all(request_iterator, context, limit, chunked)
+        except Exception:  # the iterator of a cancelled call raises, or ends early
             if expired.is_set():
                 self._count("read_deadline")
                 log.warning("a call did not deliver its request within %.0f s; cancelled", self.options.read_seconds)
             raise
         finally:
             timer.cancel()
+        if expired.is_set():  # read in full, but only after the deadline had cancelled the call
+            self._count("read_deadline")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request arrived after the read deadline")
+        return data
 
     def _read_all(self, request_iterator, context, limit: int, chunked: bool) -> bytes:
         parts: list[bytes] = []

@@ -29,7 +29,7 @@ __all__ = [
     "Link",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: packets carry a CRC-32
 IGNORE_INDEX = -100
 
 # Request and reply types per RPC, used by transports to (de)serialise and to name traffic.
