@@ -7,7 +7,7 @@ PRESET ?= smol
 # the demo runs a preset's short schedule where it has one (configs/<preset>-demo.toml), else the preset itself
 DEMO_CONFIG = $(if $(wildcard configs/$(PRESET)-demo.toml),configs/$(PRESET)-demo.toml,$(PRESET))
 
-.PHONY: demo test venv bench bench-baseline bench-study bench-codec bench-split bench-privacy clean proto
+.PHONY: demo test venv bench bench-baseline bench-study bench-codec bench-split bench-privacy bench-hostile clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # Every benchmark, in dependency order (the study starts from the baseline's stage-0 base; the privacy suite uses
 # the study's checkpoints). Hours on 2 cores: run in the background, each step is resumable.
-bench: bench-baseline bench-study bench-codec bench-split bench-privacy
+bench: bench-baseline bench-study bench-codec bench-split bench-privacy bench-hostile
 
 # The 16-bit baseline of a preset (PRESET=smol by default; PRESET=tiny for the from-scratch one). Hours; resumable.
 bench-baseline: $(STAMP)
@@ -52,6 +52,11 @@ bench-privacy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y dataset-fashion-mnist) || \
 		echo "dataset-fashion-mnist not installed: the fashion image set is skipped"
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/privacy.py
+
+# A hostile-input campaign (2400 requests in ten attack classes) against a real server process on loopback; about a
+# minute. Writes results/hostile.json; fails if the server died, hung or accepted a hostile request.
+bench-hostile: $(STAMP)
+	$(BIN)/python benchmarks/hostile.py
 
 clean:
 	rm -rf runs/demo-* data/micro

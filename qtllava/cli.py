@@ -148,7 +148,8 @@ def cmd_serve(args) -> int:
                               init=args.init, resume=args.resume, cut=args.cut)
     opts = ServerOptions(listen=args.listen or cfg.wire.listen, tokens=tokens, tls_cert=args.tls_cert or "",
                          tls_key=args.tls_key or "", client_ca=args.client_ca or "",
-                         max_message_bytes=cfg.wire.max_message_bytes)
+                         max_message_bytes=cfg.wire.max_message_bytes, read_seconds=cfg.wire.read_seconds,
+                         max_calls_per_client=cfg.wire.max_calls_per_client)
     serve(rt, opts, port_file=args.port_file)
     return 0
 

@@ -271,6 +271,10 @@ class WireConfig:
     # the server refuses, before decoding anything, a step or generation prompt of more positions than this
     # (batch x sequence length); a sequence longer than the LLM's max_position_embeddings is refused too
     max_tokens_per_step: int = 65536
+    # the server: a call must have delivered its whole request this many seconds after it began (it is cancelled
+    # then; a 64 MiB step needs ~60 s on a 10 Mbit/s link), and each client may have this many calls in flight
+    read_seconds: float = 120.0
+    max_calls_per_client: int = 4
 
 
 @dataclass

@@ -4,6 +4,7 @@ statuses of the same refusals are covered in tests/test_split_grpc.py."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -314,3 +315,18 @@ def test_a_u_cut_forward_without_its_backward_loses_the_turn_and_then_the_right_
         forward(mallory)
     assert e.value.code == "RESOURCE_EXHAUSTED"
     assert forward(honest).hidden
+
+
+def test_a_short_hostile_campaign_against_a_real_server(benchmark_module, tmp_path):
+    """benchmarks/hostile.py on a few cases per class: a real server process survives every class, answers every
+    hostile call with a refusal in time, and applies only the honest client's steps."""
+    hostile = benchmark_module("hostile")
+    out = tmp_path / "hostile.json"
+    assert hostile.main(["--cases", "150", "--out", str(tmp_path / "run"), "--results", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["total"]["cases"] >= 140 and set(result["classes"]) == set(hostile.SHARES)
+    assert result["total"] == {**result["total"], "server_deaths": 0, "hangs": 0, "wrong_accepts": 0}
+    assert result["applied_steps"] == result["honest_steps"] and result["hostile_steps_applied"] == 0
+    assert result["classes"]["stalled"]["codes"].get("CANCELLED", 0) >= 1  # cut at the read deadline
+    assert result["classes"]["cross-session"]["codes"] == {"PERMISSION_DENIED": result["classes"]["cross-session"]
+                                                           ["cases"]}
