@@ -32,7 +32,8 @@ import torch
 import zstandard
 
 from qtllava.compress.base import Packet
-from qtllava.compress.coding import ans_decode, ans_encode, empirical_entropy, pack_indices, unpack_indices
+from qtllava.compress.coding import (ans_decode, ans_encode, channel_entropy, empirical_entropy, pack_indices,
+                                     unpack_indices)
 from qtllava.compress.fsq import clip_width, quantize_indices, robust_normalize
 
 log = logging.getLogger("bench.codec")
@@ -81,17 +82,6 @@ def gaussian_rows(n_rows: int, dim: int, seed: int, channels: bool) -> torch.Ten
     if channels:
         x = x * (0.5 + torch.rand(dim, generator=g)) + torch.randn(dim, generator=g) * 0.7
     return x
-
-
-def channel_entropy(idx: np.ndarray, levels: int) -> float:
-    """H(index | channel) in bits per element: the bound for one model per channel (models not counted)."""
-    c = idx.shape[-1]
-    counts = np.bincount((idx.reshape(-1, c).astype(np.int64) + np.arange(c) * levels).reshape(-1),
-                         minlength=c * levels).reshape(c, levels).astype(np.float64)
-    tot = counts.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(counts > 0, counts * np.log2(counts / tot), 0.0)
-    return float(-terms.sum() / max(idx.size, 1))
 
 
 def best_time(fn, repeats: int) -> float:

@@ -154,6 +154,11 @@ class ClientCodec(nn.Module):
 
     codec_name: str = ""
 
+    def pre_map(self) -> nn.Module | None:
+        """The learned map applied to the rows before quantization, if the codec has one (None: the rows are
+        quantized as they are)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -167,6 +172,13 @@ class ServerCodec(nn.Module):
     """Server half of a codec: packet -> values (N, d_code) -> learned map -> (N, D)."""
 
     codec_name: str = ""
+    fits: bool = False  # whether `fit` warm-starts anything (a learned decoder)
+
+    def fit(self, encoder: "ClientCodec", rows: torch.Tensor) -> float | None:
+        """Warm start of the learned decoder on rows (N, D) that `encoder` will send, so that decoding hands back
+        rows close to them from the first step; -> the relative squared error of the fit, or None where the codec
+        has nothing to fit (the default)."""
+        return None
 
     def dequantize(self, packet: Packet) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -55,6 +55,7 @@ import constriction
 
 __all__ = [
     "CodingError",
+    "channel_entropy",
     "index_bits",
     "pack_indices",
     "unpack_indices",
@@ -263,6 +264,18 @@ def _read_counts(side: bytes, pos: int, precision: int, k: int, what: str) -> tu
 
 def _categorical(q: np.ndarray):
     return constriction.stream.model.Categorical(q / q.sum(), perfect=False)
+
+
+def channel_entropy(idx: np.ndarray, levels: int) -> float:
+    """H(index | channel) in bits per element: the bound for one model per channel (the models not counted); the
+    grouped `ans` mode approaches it, so `ans` may send less than the pooled entropy."""
+    c = idx.shape[-1]
+    counts = np.bincount((idx.reshape(-1, c).astype(np.int64) + np.arange(c) * levels).reshape(-1),
+                         minlength=c * levels).reshape(c, levels).astype(np.float64)
+    tot = counts.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(counts > 0, counts * np.log2(counts / np.maximum(tot, 1)), 0.0)
+    return float(-terms.sum() / max(idx.size, 1))
 
 
 def _entropy_bits(counts: np.ndarray) -> np.ndarray:

@@ -211,6 +211,9 @@ class FsqEncoder(ClientCodec):
 
     codec_name = "fsq"
 
+    def pre_map(self) -> nn.Module:
+        return self.proj
+
     def __init__(self, dim: int, d_code: int, levels: int, coder: str = "pack", over: str = "sample",
                  width: float = 0.0, distortion_weight: float = 0.25, rate_weight: float = 0.0,
                  send_stats: bool = True):
@@ -267,6 +270,11 @@ class FsqDecoder(ServerCodec):
     Decodes `pack` and `ans` packets."""
 
     codec_name = "fsq"
+    fits = True
+
+    def fit(self, encoder: ClientCodec, rows: torch.Tensor) -> float:
+        """Least-squares fit of the decoder on `rows` as `encoder` codes them (`fit_decoder`)."""
+        return fit_decoder(encoder, self, rows)
 
     def __init__(self, dim: int, d_code: int, levels: int, width: float = 0.0, over: str = "sample",
                  send_stats: bool = True):

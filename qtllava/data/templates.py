@@ -28,6 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .tokenizer import IMAGE, image_token_id
 
+from qtllava.constants import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "Template",
@@ -40,7 +42,6 @@ __all__ = [
     "expand_image_tokens",
 ]
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import zstandard
 
 from qtllava.data.templates import template_name
 from qtllava.compress.base import nbytes
+from qtllava.compress.coding import channel_entropy
 from qtllava.compress.fsq import FsqEncoder
 from qtllava.compress.levels import recommend_levels as recommend  # the library's rule, on the packets sent
 from qtllava.compress.levels import analyze_levels, indices_for_levels, write_levels_report
@@ -46,7 +47,7 @@ from qtllava.model.layout import Layout
 from qtllava.model.parts import ClientPart
 
 __all__ = ["CheckpointRows", "checkpoint_rows", "encoder_outputs", "features_from_checkpoint", "sent_bits",
-           "channel_entropy", "levels_for_checkpoint", "format_levels_table", "MODALITIES", "VAL_SPLIT",
+           "levels_for_checkpoint", "format_levels_table", "MODALITIES", "VAL_SPLIT",
            "DEFAULT_CLI_LEVELS"]
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def checkpoint_rows(checkpoint: str | Path, data_root: str | Path | None = None,
         ids += [str(i) for i in batch["ids"]]
     codecs = {"image": pcfg.compress.image, "text": pcfg.compress.text}
     client_codecs = {"image": part.image_codec, "text": part.text_codec}
-    encoders = {m: (client_codecs[m].proj if isinstance(client_codecs[m], FsqEncoder) else None) for m in MODALITIES}
+    encoders = {m: client_codecs[m].pre_map() for m in MODALITIES}
     return CheckpointRows(checkpoint=str(checkpoint), rows={m: torch.cat(v) for m, v in rows.items()},
                           batch_sizes=sizes, encoders=encoders, codecs=codecs, samples=ids, data_root=str(root),
                           split=split, batch_size=bs, dim=part.hidden_size,
@@ -180,18 +181,6 @@ def features_from_checkpoint(checkpoint: str | Path, data_root: str | Path | Non
                              batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """Pre-quantisation rows of a checkpoint ({modality: (N, d_code) encoder outputs}) on validation batches."""
     return encoder_outputs(checkpoint_rows(checkpoint, data_root, batches=batches, batch_size=batch_size))
-
-
-def channel_entropy(idx: np.ndarray, levels: int) -> float:
-    """H(index | channel) in bits per element: the bound for one model per channel (the models not counted); the
-    grouped `ans` mode approaches it, so `ans` may send less than the pooled entropy."""
-    c = idx.shape[-1]
-    counts = np.bincount((idx.reshape(-1, c).astype(np.int64) + np.arange(c) * levels).reshape(-1),
-                         minlength=c * levels).reshape(c, levels).astype(np.float64)
-    tot = counts.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(counts > 0, counts * np.log2(counts / np.maximum(tot, 1)), 0.0)
-    return float(-terms.sum() / max(idx.size, 1))
 
 
 def _fsq_encoder(cr: CheckpointRows, modality: str, levels: int, coder: str) -> FsqEncoder:

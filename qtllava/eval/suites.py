@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from qtllava.data.generator import SUITES
+
 from .jsonl import read_jsonl
 from .metrics import (
     OPTION_LETTERS,
@@ -40,7 +42,6 @@ __all__ = ["SUITES", "METRICS", "SuiteData", "load_suite", "score_suite", "basel
 
 log = logging.getLogger(__name__)
 
-SUITES: tuple[str, ...] = ("soc-vqa", "soc-mc", "glyph-vqa", "shape-pope", "shape-mme")
 
 # Name of each suite's headline number. All are percentages except shape-mme (sum of 0..200 per subtask).
 METRICS: dict[str, str] = {

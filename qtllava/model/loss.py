@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qtllava.constants import IGNORE_INDEX
+
 __all__ = ["IGNORE_INDEX", "LOSS_AVERAGES", "check_loss_average", "label_weights", "lm_loss"]
 
-IGNORE_INDEX = -100  # label of positions outside the loss (as Hugging Face)
 LOSS_AVERAGES = ("token", "turn")
 
 

@@ -14,13 +14,11 @@ import logging
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from qtllava.compress.fsq import FsqDecoder, FsqEncoder, fit_decoder
 from qtllava.config import Config, to_toml
 from qtllava.data import LlavaDataset, collate, image_token_id, resolve_tokenizer
 from qtllava.data.templates import template_name
@@ -30,9 +28,8 @@ from qtllava.train.client_runtime import ClientRuntime
 from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
 from qtllava.train.ucut import ClientHead, check_cut, load_head_weight
-from qtllava.wire.grpc_transport import RemoteError
 from qtllava.wire.loopback import LoopbackLink
-from qtllava.wire.messages import pb
+from qtllava.wire.messages import RemoteError, pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
            "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "fit_image_decoder",
@@ -183,7 +180,7 @@ def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows:
     the codecs at stage 2, behind a fitted image decoder, close the one-bit glyph gap?"). The rows are the client's
     own data and are used in-process only. Returns the relative squared error of the fit, or None when the image
     codec has no learned decoder."""
-    if not isinstance(client.image_codec, FsqEncoder) or not isinstance(server.image_codec, FsqDecoder):
+    if not server.image_codec.fits:
         return None
     rows, n = [], 0
     for step in range(64):
@@ -195,7 +192,7 @@ def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows:
             break
     if not rows:
         raise ValueError("fit_image_decoder: the stage's first 64 batches hold no image to fit the decoder on")
-    return fit_decoder(client.image_codec, server.image_codec, torch.cat(rows)[:max_rows])
+    return server.image_codec.fit(client.image_codec, torch.cat(rows)[:max_rows])
 
 
 @torch.no_grad()
@@ -219,7 +216,7 @@ def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_r
     gets what a single process gets. Only `fsq` has a learned decoder; other codecs keep the scale themselves. Returns
     the relative squared error of the fit, or None when nothing was fitted.
     """
-    if not isinstance(client.text_codec, FsqEncoder) or not isinstance(server.text_codec, FsqDecoder):
+    if not server.text_codec.fits:
         return None
     meta = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
     if "embed_tokens" in meta.get("base_weights", {}) and "embed_tokens" in client.base_weights:
@@ -236,8 +233,8 @@ def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_r
                 raise ValueError(f"{path}: no embed_tokens.weight to fit the text decoder on")
             table = f.get_tensor("embed_tokens.weight")
     rows = table[:: max(1, -(-table.shape[0] // max_rows))]  # a strided subset of very large vocabularies
-    device = client.text_codec.proj.weight.device
-    return fit_decoder(client.text_codec, server.text_codec, rows.to(device=device, dtype=torch.float32))
+    device = next(server.text_codec.parameters()).device
+    return server.text_codec.fit(client.text_codec, rows.to(device=device, dtype=torch.float32))
 
 
 def client_head(server: ServerPart, init: str | Path | None) -> ClientHead:
@@ -364,7 +361,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
                         and done < st.steps:
                     client_rt.link.checkpoint(pb.CheckpointRequest(session_id=client_rt.session_id, step_id=done))
             except RemoteError as e:
-                if not remote or e.code not in _RECOVERABLE:
+                if not remote or e.status not in _RECOVERABLE:
                     raise
                 log.warning("%s: server refused step %d (%s); rolling back to a common checkpoint", stage, step,
                             e.details)
@@ -399,7 +396,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
                     traffic=link.traffic.summary(), rollbacks=rollbacks)
 
 
-_RECOVERABLE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+_RECOVERABLE = ("FAILED_PRECONDITION", "NOT_FOUND")
 
 
 def _checkpoint_at_or_below(out_dir: Path, step: int) -> tuple[Path, int] | None:

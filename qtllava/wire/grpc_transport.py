@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from qtllava.wire import split_pb2_grpc
+from qtllava.wire import messages, split_pb2_grpc
 from qtllava.wire.messages import MESSAGE_TYPES, Link, Traffic, WireError, bounded, pb
 
 __all__ = ["ServerOptions", "ClientOptions", "start_server", "GrpcLink", "RemoteError", "read_tokens",
@@ -88,13 +88,12 @@ class ClientOptions:
     timeout_seconds: float = 600.0
 
 
-class RemoteError(RuntimeError):
-    """The server refused a call; `code` is the grpc.StatusCode."""
+class RemoteError(messages.RemoteError):
+    """The server refused a call; `code` is the grpc.StatusCode (`status` its name, as every transport gives it)."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
+        super().__init__(code.name, details)
         self.code = code
-        self.details = details
 
 
 _STATUS = {name: getattr(grpc.StatusCode, name) for name in

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from qtllava.constants import IGNORE_INDEX
 from qtllava.wire import split_pb2 as pb
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 2  # 2: packets carry a CRC-32
-IGNORE_INDEX = -100
 
 # Request and reply types per RPC, used by transports to (de)serialise and to name traffic.
 MESSAGE_TYPES = {
@@ -44,6 +44,16 @@ MESSAGE_TYPES = {
 
 class WireError(ValueError):
     """A message is malformed or inconsistent (sizes that do not match its shape, unknown fields, ...)."""
+
+
+class RemoteError(RuntimeError):
+    """The other side refused a call, whatever the transport: `status` names the refusal as gRPC's status codes do
+    ("FAILED_PRECONDITION", "PERMISSION_DENIED", ...); `details` is the server's message."""
+
+    def __init__(self, status: str, details: str):
+        super().__init__(f"{status}: {details}")
+        self.status = status
+        self.details = details
 
 
 def bounded(value: object, limit: int = 80, quote: bool = True) -> str:
