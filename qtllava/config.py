@@ -233,6 +233,9 @@ class StageConfig:
     # how the LLM is tuned in this stage: "full" (every weight), "lora" (adapters through peft, llm.lora), "frozen";
     # empty: the recipe's choice (see qtllava.train.recipes)
     llm: str = ""
+    # whether the vision tower trains in this stage: "full" or "frozen"; empty: the recipe's choice (TinyLLaVA
+    # Factory's tune_type_vision_tower)
+    tower: str = ""
 
 
 @dataclass

@@ -220,6 +220,15 @@ def test_pretrained_recipe_freezes_the_llm_until_stage_2_and_the_tuning_is_a_set
     cfg.train.recipe = "scratch"
     cfg.train.stage2.llm = ""
     assert "embed_tokens" in recipe(cfg, "stage2").client_trainable
+    # the tower's tuning is a setting too (TinyLLaVA Factory's tune_type_vision_tower)
+    assert "vision_tower" not in recipe(cfg, "stage2").client_trainable
+    cfg.train.stage2.tower = "full"
+    assert recipe(cfg, "stage2").client_trainable[0] == "vision_tower"
+    cfg.train.stage0.tower = "frozen"
+    assert "vision_tower" not in recipe(cfg, "stage0").client_trainable
+    cfg.train.stage2.tower = "half"
+    with pytest.raises(ValueError, match="train.stage2.tower"):
+        recipe(cfg, "stage2")
 
 
 def test_pipeline_evaluates_with_baselines(data_root, tmp_path):

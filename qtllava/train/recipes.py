@@ -21,10 +21,11 @@ from torch import nn
 
 from qtllava.config import CodecConfig, CompressConfig, Config, StageConfig
 
-__all__ = ["Recipe", "RECIPES", "LLM_TUNING", "recipe", "recipe_family", "stage_compress", "stage_fresh",
+__all__ = ["Recipe", "RECIPES", "LLM_TUNING", "TOWER_TUNING", "recipe", "recipe_family", "stage_compress", "stage_fresh",
            "image_fit_due", "apply_trainable", "lr_at", "set_seed", "make_optimizer", "codec_parameters", "set_lr"]
 
 LLM_TUNING = ("full", "lora", "frozen")
+TOWER_TUNING = ("full", "frozen")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def recipe_family(cfg: Config) -> str:
 
 def recipe(cfg: Config, stage: str) -> Recipe:
     """The recipe of `stage` under `cfg`: its family's, with the stage's `llm` tuning applied (full adds "llm" to
-    the server's trainable submodules)."""
+    the server's trainable submodules) and its `tower` tuning ("full" adds the vision tower to the client's,
+    "frozen" takes it out)."""
     family = RECIPES[recipe_family(cfg)]
     if stage not in family:
         raise KeyError(f"unknown stage {stage!r}; known: {', '.join(family)}")
@@ -83,7 +85,15 @@ def recipe(cfg: Config, stage: str) -> Recipe:
     if tuning not in LLM_TUNING:
         raise ValueError(f"train.{stage}.llm: unknown LLM tuning {tuning!r}; known: {', '.join(LLM_TUNING)}")
     server = rec.server_trainable + (("llm",) if tuning == "full" else ())
-    return replace(rec, llm=tuning, server_trainable=server)
+    client = rec.client_trainable
+    tower = getattr(cfg.train, stage).tower
+    if tower and tower not in TOWER_TUNING:
+        raise ValueError(f"train.{stage}.tower: unknown tower tuning {tower!r}; known: {', '.join(TOWER_TUNING)}")
+    if tower == "full" and "vision_tower" not in client:
+        client = ("vision_tower",) + client
+    elif tower == "frozen":
+        client = tuple(n for n in client if n != "vision_tower")
+    return replace(rec, llm=tuning, server_trainable=server, client_trainable=client)
 
 
 def _stage_index(stage: str) -> int:
