@@ -67,7 +67,8 @@ def loopback_ratio(preset: str, stage: str, steps: int, warmup: int, threads: in
     alternating which goes first, so that load from other processes on the machine hits both alike."""
     from qtllava.data import prepare_data
     from qtllava.train.client_runtime import ClientRuntime
-    from qtllava.train.loop import stage_batches, stage_parts
+    from qtllava.train.batches import stage_batches
+    from qtllava.train.loop import stage_parts
     from qtllava.train.procs import spawn_server
     from qtllava.train.server_runtime import ServerRuntime
     from qtllava.wire.grpc_transport import ClientOptions, GrpcLink

@@ -348,7 +348,8 @@ def test_two_u_cut_clients_in_threads_take_turns(data, tmp_path):
     """Concurrent U-cut clients: a session's forward and backward are never split by another session's step."""
     import threading
 
-    from qtllava.train.loop import client_head, stage_batches
+    from qtllava.train.batches import stage_batches
+    from qtllava.train.loop import client_head
 
     cfg = micro("train.stage0.steps=3")
     server_rt = build_server_runtime(cfg, "stage0", data, tmp_path / "server", cut="u")

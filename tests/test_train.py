@@ -7,7 +7,8 @@ import torch
 
 from qtllava.config import load_config
 from qtllava.data import make_data
-from qtllava.train.loop import run_stage, sample_indices
+from qtllava.train.batches import sample_indices
+from qtllava.train.loop import run_stage
 from qtllava.train.recipes import lr_at, recipe
 
 
@@ -266,15 +267,15 @@ def test_pipeline_warm_start_is_stage_zeros_init(data_root, tmp_path):
 def test_resume_drops_a_half_written_metrics_row_and_names_a_bad_one(tmp_path):
     """A process killed inside a metrics write leaves a torn last row; resuming drops it (and the rows at or after
     the checkpoint). A bad complete row is an error naming the file and line."""
-    from qtllava.train.loop import _truncate_metrics
+    from qtllava.train.accounting import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    _truncate_metrics(path, 2)
+    truncate_metrics(path, 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]
     path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics row"):
-        _truncate_metrics(path, 2)
+        truncate_metrics(path, 2)
 
 
 def test_codecs_from_stage_2_send_fp16_in_stage_1_and_fit_the_image_decoder(data_root, tmp_path):
@@ -282,7 +283,8 @@ def test_codecs_from_stage_2_send_fp16_in_stage_1_and_fit_the_image_decoder(data
     the image decoder on the trained connector's rows, so a one-bit round trip returns them far better than the
     identity decoder does; a process with one half refuses the stage; other values are refused."""
     from qtllava.compress.identity import IdentityEncoder
-    from qtllava.train.loop import stage_batches, stage_parts
+    from qtllava.train.batches import stage_batches
+    from qtllava.train.loop import stage_parts
 
     cfg0 = load_config("micro", ["train.stage0.steps=2", "train.stage1.steps=2"])
     r0 = run_stage(cfg0, "stage0", data_root, tmp_path / "s0", progress=False)

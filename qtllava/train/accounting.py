@@ -4,9 +4,12 @@ per-step rows of `metrics.jsonl` (serialized message sizes, the same under loopb
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-__all__ = ["summarize_link", "format_link_table", "read_metrics"]
+__all__ = ["summarize_link", "format_link_table", "read_metrics", "MetricsLog", "truncate_metrics"]
+
+log = logging.getLogger(__name__)
 
 # (direction, part, key in the step row's payload dict, elements key for bits per element)
 _PARTS = (
@@ -86,3 +89,49 @@ def format_link_table(summary: dict, title: str = "") -> str:
         lines.append(f"both  {'this run / fp16':<16} {ours:>12} {'':>11} {'':>9}  ({100 * ours / ref:.1f} % of "
                      f"{ref} bytes)")
     return "\n".join(lines)
+
+
+class MetricsLog:
+    """metrics.jsonl of a stage: one row per optimizer step; rows after a rollback point can be dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None:
+            truncate_metrics(path, resume_step)
+        elif path.exists():
+            path.unlink()
+        self.file = path.open("a")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def truncate(self, step: int) -> None:
+        self.file.close()
+        truncate_metrics(self.path, step)
+        self.file = self.path.open("a")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows at or after `step` (written after the checkpoint we resume from), and a last row that a
+    killed process left half-written (no newline). Raises ValueError naming the file and line on any other bad row."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines[-1]:  # a torn write: the process died inside this row, after the checkpoint it resumes from
+        log.warning("%s: dropping a half-written last row (%d characters)", path, len(lines[-1]))
+    rows = []
+    for i, line in enumerate(lines[:-1], 1):
+        if not line:
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {i}: not a metrics row ({e})") from e
+        if row_step < step:
+            rows.append(line)
+    path.write_text("".join(r + "\n" for r in rows))

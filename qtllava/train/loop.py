@@ -14,30 +14,29 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from qtllava.config import Config, to_toml
-from qtllava.data import LlavaDataset, collate, image_token_id, resolve_tokenizer
-from qtllava.data.templates import template_name
-from qtllava.model.parts import CONFIG_NAME, WEIGHTS_NAME, ClientPart, ServerPart, build_parts, saved_weights
+from qtllava.data import image_token_id, resolve_tokenizer
+from qtllava.model.parts import ClientPart, ServerPart, build_parts, saved_weights
+from qtllava.train.accounting import MetricsLog
+from qtllava.train.batches import stage_batches
 from qtllava.train.checkpoints import newest_intact, write_atomic
 from qtllava.train.client_runtime import ClientRuntime
-from qtllava.train.recipes import image_fit_due, recipe, set_seed, stage_compress, stage_fresh
+from qtllava.train.recipes import STAGE_NAMES, image_fit_due, recipe, set_seed, stage_compress, stage_fresh
 from qtllava.train.server_runtime import ServerRuntime
 from qtllava.train.ucut import ClientHead, check_cut, load_head_weight
+from qtllava.train.warm_start import fit_image_decoder, fit_text_decoder
 from qtllava.wire.loopback import LoopbackLink
 from qtllava.wire.messages import RemoteError, pb
 
 __all__ = ["StageRun", "run_stage", "load_tokenizer_for", "stage_config", "load_part_weights", "latest_checkpoint",
-           "sample_indices", "micro_batch_indices", "stage_parts", "fit_text_decoder", "fit_image_decoder",
-           "connector_rows", "stage_batches", "client_head", "STAGES"]
+           "stage_parts", "client_head", "STAGES"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stage0", "stage1", "stage2")
+STAGES = STAGE_NAMES
 TOKENIZER_DIR = "tokenizer"  # in a stage's final folder
 
 
@@ -80,25 +79,6 @@ def load_part_weights(part: torch.nn.Module, folder: Path, cls, fresh: tuple[str
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest intact checkpoint of a stage folder (damaged ones are skipped with a warning naming the file)."""
     return newest_intact((out_dir / "checkpoints").glob("step-*"), key=lambda c: c.name)
-
-
-def sample_indices(n: int, batch: int, position: int, seed: int) -> list[int]:
-    """`batch` sample indices starting at global sample `position` of an endless stream of seeded epochs."""
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(position, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(batch - len(out), n - offset)
-        out.extend(perm[offset:offset + take].tolist())
-        position += take
-    return out
-
-
-def micro_batch_indices(cfg: Config, stage: str, n: int, step: int, micro: int = 0) -> list[int]:
-    """Indices (into the stage's n samples) of micro-batch `micro` of `step`: a pure function of seed and step."""
-    st = getattr(cfg.train, stage)
-    pos = (step * st.grad_accum + micro) * st.batch_size
-    return sample_indices(n, st.batch_size, pos, cfg.train.seed * 1000 + STAGES.index(stage))
 
 
 @dataclasses.dataclass
@@ -166,133 +146,12 @@ def stage_parts(cfg: Config, stage: str, data_root: Path, init: str | Path | Non
     return scfg, tok, client, server
 
 
-def fit_image_decoder(client: ClientPart, server: ServerPart, batches, max_rows: int = 16384) -> float | None:
-    """Warm start of a fresh learned image codec behind a trained connector (`compress.first_stage` = 2): the
-    server's decoder fitted by least squares on the connector's rows of the stage's first batches (`batches`: step
-    -> micro-batches, as `stage_batches` returns): the first `max_rows` rows, or every image of the first 64 steps.
-
-    At one bit a frozen identity decoder hands the LLM rows whose elements all sit at the row's mean +- its std,
-    20-40 % of their variance lost; a linear map fitted on the same codes loses 0.7-4 % (docs/experiments.md,
-    "Does an image decoder refitted by least squares during training help one bit?"). Refitted every few steps
-    under a connector that trains from scratch, such a map gave the LLM no stable input; fitted once, on a
-    connector that already speaks the LLM's language, it does not move (measured on the tiny study: it leaves
-    0.6-1 % of the rows' squared norm, and glyph reading is no better for it; docs/experiments.md, "Does starting
-    the codecs at stage 2, behind a fitted image decoder, close the one-bit glyph gap?"). The rows are the client's
-    own data and are used in-process only. Returns the relative squared error of the fit, or None when the image
-    codec has no learned decoder."""
-    if not server.image_codec.fits:
-        return None
-    rows, n = [], 0
-    for step in range(64):
-        got = connector_rows(client, batches(step))
-        if got is not None:
-            rows.append(got)
-            n += got.shape[0]
-        if n >= max_rows:
-            break
-    if not rows:
-        raise ValueError("fit_image_decoder: the stage's first 64 batches hold no image to fit the decoder on")
-    return server.image_codec.fit(client.image_codec, torch.cat(rows)[:max_rows])
-
-
-@torch.no_grad()
-def connector_rows(client: ClientPart, micro_batches: list[dict]) -> torch.Tensor | None:
-    """The connector's output rows (n, D), float32, for the images of one step's micro-batches (None: no image)."""
-    w = next(client.connector.parameters())
-    feats = [client.image_features(b["pixel_values"].to(device=w.device, dtype=w.dtype)) for b in micro_batches
-             if b.get("pixel_values") is not None and b["pixel_values"].numel()]
-    return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float() if feats else None
-
-
-def fit_text_decoder(client: ClientPart, server: ServerPart, folder: Path, max_rows: int = 16384) -> float | None:
-    """Warm start of a fresh learned text codec: the server's decoder fitted by least squares on the token rows.
-
-    The normalisation removes each row's scale, so a fresh decoder hands the LLM standardised rows (std ~1 per
-    element), while the base LLM was trained on the embedding table's own scale (tiny preset: std 0.024, ~40x smaller).
-    Left so, the text rows swamp the residual stream of the frozen stage-1 LLM and stage 2 has to undo it (measured: L
-    = 2 text codes lost the yes/no existence questions; docs/experiments.md). What the text codec encodes at the start
-    of a stage is exactly the rows of the pretrained embedding table (a public part of the pretrained weights, read
-    from `folder`), so the server process fits its decoder from that file alone, with nothing private crossing, and
-    gets what a single process gets. Only `fsq` has a learned decoder; other codecs keep the scale themselves. Returns
-    the relative squared error of the fit, or None when nothing was fitted.
-    """
-    if not server.text_codec.fits:
-        return None
-    meta = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
-    if "embed_tokens" in meta.get("base_weights", {}) and "embed_tokens" in client.base_weights:
-        # kept by reference to the pretrained folder, from which every process built this same table
-        table = client.embed_tokens.weight.detach()
-    else:
-        path = folder / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: a fresh fsq text codec is fitted on the pretrained token-embedding "
-                                    "table, which this file should hold (the client half of the stage's init "
-                                    "checkpoint)")
-        with safe_open(str(path), framework="pt") as f:
-            if "embed_tokens.weight" not in f.keys():
-                raise ValueError(f"{path}: no embed_tokens.weight to fit the text decoder on")
-            table = f.get_tensor("embed_tokens.weight")
-    rows = table[:: max(1, -(-table.shape[0] // max_rows))]  # a strided subset of very large vocabularies
-    device = next(server.text_codec.parameters()).device
-    return server.text_codec.fit(client.text_codec, rows.to(device=device, dtype=torch.float32))
-
-
 def client_head(server: ServerPart, init: str | Path | None) -> ClientHead:
     """The U-cut client's LM head at the start of a stage: from `init` (its own or the server part's head), else
     a copy of the freshly built server part's head (same random numbers as the paper cut)."""
     if init is None:
         return ClientHead.from_weight(server.llm.get_output_embeddings().weight.detach())
     return ClientHead.from_weight(load_head_weight(Path(init)))
-
-
-class _MetricsLog:
-    """metrics.jsonl of a stage: one row per optimizer step; rows after a rollback point can be dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None:
-            _truncate_metrics(path, resume_step)
-        elif path.exists():
-            path.unlink()
-        self.file = path.open("a")
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def truncate(self, step: int) -> None:
-        self.file.close()
-        _truncate_metrics(self.path, step)
-        self.file = self.path.open("a")
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def stage_batches(cfg: Config, stage: str, data_root: Path, tok, shard: tuple[int, int] | None = None):
-    """The stage's data as a function of the step: step -> its micro-batches (a pure function of seed and step).
-
-    `shard=(i, n)`: every n-th sample starting at i (each of several clients trains on its own part)."""
-    rec = recipe(cfg, stage)
-    st = getattr(cfg.train, stage)
-    template = template_name(cfg) if rec.template == "chat" else "pretrain"
-    datasets = [LlavaDataset.for_config(cfg, data_root / name, data_root / "images", tok, template,
-                                        skip_bad=cfg.data.skip_bad) for name in rec.data]
-    index = [(d, i) for d, ds in enumerate(datasets) for i in range(len(ds))]
-    if shard is not None:
-        i, n = shard
-        if not 0 <= i < n:
-            raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-        index = index[i::n]
-
-    def batches(step: int) -> list[dict]:
-        micro = []
-        for m in range(st.grad_accum):
-            samples = [datasets[index[j][0]][index[j][1]] for j in micro_batch_indices(cfg, stage, len(index), step, m)]
-            micro.append(collate(samples, pad_id=tok.pad_token_id, padding_side="right"))
-        return micro
-
-    return batches
 
 
 def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Path, init: str | Path | None = None,
@@ -332,7 +191,7 @@ def run_stage(cfg: Config, stage: str, data_root: str | Path, out_dir: str | Pat
         state = client_rt.load(ck)
         start = state["step_id"]
         log.info("%s: resuming from %s at step %d", stage, ck, start)
-    mlog = _MetricsLog(out_dir / "metrics.jsonl", start if ck is not None else None)
+    mlog = MetricsLog(out_dir / "metrics.jsonl", start if ck is not None else None)
     rollbacks = 0
     if remote and ck is not None:
         start = _rejoin(client_rt, out_dir, start)
@@ -428,25 +287,3 @@ def _rejoin(client_rt: ClientRuntime, out_dir: Path, step: int) -> int:
                                "has no checkpoint of this session to roll back to")
         target = next_step
     raise RuntimeError("client and server found no common checkpoint")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows at or after `step` (written after the checkpoint we resume from), and a last row that a
-    killed process left half-written (no newline). Raises ValueError naming the file and line on any other bad row."""
-    if not path.exists():
-        return
-    text = path.read_text()
-    lines = text.split("\n")
-    if lines[-1]:  # a torn write: the process died inside this row, after the checkpoint it resumes from
-        log.warning("%s: dropping a half-written last row (%d characters)", path, len(lines[-1]))
-    rows = []
-    for i, line in enumerate(lines[:-1], 1):
-        if not line:
-            continue
-        try:
-            row_step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}, line {i}: not a metrics row ({e})") from e
-        if row_step < step:
-            rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows))

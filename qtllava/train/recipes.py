@@ -136,7 +136,7 @@ def stage_fresh(cfg: Config, stage: str) -> tuple[str, ...]:
 
 def image_fit_due(cfg: Config, stage: str) -> bool:
     """Whether `stage` starts a fresh image codec behind a connector that is already trained (`compress.first_stage`
-    = 2): its decoder is then fitted on the connector's rows (`loop.fit_image_decoder`). In stage 1 the connector
+    = 2): its decoder is then fitted on the connector's rows (`warm_start.fit_image_decoder`). In stage 1 the connector
     itself starts fresh, so there is nothing to fit to."""
     fresh = stage_fresh(cfg, stage)
     return "image_codec" in fresh and "connector" not in fresh
