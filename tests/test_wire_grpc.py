@@ -247,6 +247,9 @@ def test_a_chunk_after_the_last_and_a_second_unary_message_are_refused(echo_serv
         with pytest.raises(grpc.RpcError) as e:
             list(ch.stream_stream(METHOD + "Step")(iter([step, step]), metadata=md, timeout=10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than one" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a field the protocol does not define (number 100)
+            ch.unary_unary(METHOD + "Step")(step + b"\xa0\x06\x01", metadata=md, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not define: [100]" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:  # a handshake larger than any configuration
             ch.unary_unary(METHOD + "Handshake")(b"\x1a\x80\x80\x40" + b"c" * (1 << 20), metadata=md, timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

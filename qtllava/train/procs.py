@@ -54,7 +54,7 @@ class SplitProcess:
         self.signal(signal.SIGKILL)
         self.popen.wait(10)
 
-    def stop(self, grace: float = 5.0) -> int | None:
+    def stop(self, grace: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; always reaps and closes the log."""
         try:
             if self.alive():

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from qtllava.wire import messages, split_pb2_grpc
@@ -267,10 +268,18 @@ class _Servicer:
 
     @staticmethod
     def _parse(kind: str, data: bytes, context):
+        """Parse a request; one that does not parse, or that carries fields this protocol does not define, is
+        refused (INVALID_ARGUMENT)."""
+        name = MESSAGE_TYPES[kind][0].__name__
         try:
-            return MESSAGE_TYPES[kind][0].FromString(data)
+            message = MESSAGE_TYPES[kind][0].FromString(data)
         except (DecodeError, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {MESSAGE_TYPES[kind][0].__name__}: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}: {e}")
+        unknown = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(message)})
+        if unknown:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} has fields this protocol does not define: "
+                          f"{bounded(unknown[:8])}")
+        return message
 
     def unary(self, kind: str, request_iterator, context):
         """A unary method served by a streaming handler (the same on the wire), so its request is read under the
