@@ -278,6 +278,13 @@ class WireConfig:
     # then; a 64 MiB step needs ~60 s on a 10 Mbit/s link), and each client may have this many calls in flight
     read_seconds: float = 120.0
     max_calls_per_client: int = 4
+    # generation (a server started for it): open generations per client, and how long an idle one keeps its cache
+    max_generations_per_client: int = 4
+    generation_idle_seconds: float = 120.0
+    # the U-shaped cut: how long a session may hold the server between its forward and its backward, and how many
+    # times a client may let that expire before its forwards are refused
+    turn_seconds: float = 30.0
+    max_turn_expiries: int = 3
 
 
 @dataclass

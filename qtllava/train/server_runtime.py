@@ -120,8 +120,10 @@ class ServerRuntime:
     def __init__(self, part: ServerPart, cfg: Config, stage: str | None = None, total_steps: int = 0,
                  checkpoint_dir: str | Path | None = None, generator_seed: int = 0, cut: str = "paper",
                  final_dir: str | Path | None = None, metrics_path: str | Path | None = None,
-                 busy_timeout: float = 30.0, max_generations_per_client: int = 4,
-                 generation_idle_seconds: float = 120.0, max_turn_expiries: int = 3):
+                 busy_timeout: float | None = None, max_generations_per_client: int | None = None,
+                 generation_idle_seconds: float | None = None, max_turn_expiries: int | None = None):
+        """Limits left at None come from `cfg.wire` (turn_seconds, max_generations_per_client,
+        generation_idle_seconds, max_turn_expiries)."""
         self.part = part
         self.cfg = cfg
         self.stage = stage
@@ -131,10 +133,15 @@ class ServerRuntime:
         self.final_dir = Path(final_dir) if final_dir else (self.checkpoint_dir.parent / "final"
                                                             if self.checkpoint_dir else None)
         self.metrics_path = Path(metrics_path) if metrics_path else None
-        self.busy_timeout = busy_timeout
-        self.max_generations_per_client = max_generations_per_client
-        self.generation_idle_seconds = generation_idle_seconds
-        self.max_turn_expiries = max_turn_expiries
+        w = cfg.wire
+
+        def pick(value, default):
+            return default if value is None else value
+
+        self.busy_timeout = pick(busy_timeout, w.turn_seconds)
+        self.max_generations_per_client = pick(max_generations_per_client, w.max_generations_per_client)
+        self.generation_idle_seconds = pick(generation_idle_seconds, w.generation_idle_seconds)
+        self.max_turn_expiries = pick(max_turn_expiries, w.max_turn_expiries)
         self._owner_since = 0.0
         self.turn_expiries: dict[str, int] = {}  # U cut: turns held past `busy_timeout`, by identity
         self.sessions: dict[str, Session] = {}
