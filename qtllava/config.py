@@ -562,7 +562,11 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
-def config_hash(cfg: Config, sections: tuple[str, ...] = ("vision", "connector", "llm", "compress")) -> str:
+# the sections both parties of a split run must agree on (compared at the handshake)
+HASH_SECTIONS = ("vision", "connector", "llm", "compress")
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = HASH_SECTIONS) -> str:
     """SHA-256 of the sections that client and server must agree on (model + compressor), hex."""
     d = to_dict(cfg)
     blob = json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()

@@ -19,10 +19,10 @@ import torch
 
 from qtllava.compress.base import Packet, PacketError, nbytes
 from qtllava.compress.grad import decode_grad, encode_grad, spread_rows
-from qtllava.config import Config, config_hash, to_dict
+from qtllava.config import HASH_SECTIONS, Config, config_hash, to_dict
 from qtllava.model.parts import ClientPart
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
-from qtllava.train.server_runtime import HASH_SECTIONS, NO_GRADIENT
+from qtllava.train.server_runtime import NO_GRADIENT
 from qtllava.train.ucut import HEAD_FOLDER, ClientHead, check_cut, head_loss
 from qtllava.wire.messages import PROTOCOL_VERSION, WireError, ids_from_bytes, labels_to_wire, pb
 

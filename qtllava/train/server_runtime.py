@@ -33,18 +33,17 @@ import torch
 
 from qtllava.compress.base import Packet, PacketError
 from qtllava.compress.grad import decode_grad, encode_grad, grad_codec_names, merge_rows
-from qtllava.config import Config, config_hash, to_dict
+from qtllava.config import HASH_SECTIONS, Config, config_hash, to_dict
 from qtllava.model.parts import IGNORE_INDEX, Layout, ServerPart
 from qtllava.train.checkpoints import newest_intact, write_atomic
 from qtllava.train.recipes import apply_trainable, codec_parameters, lr_at, make_optimizer, recipe, set_lr
 from qtllava.train.ucut import check_cut, identity_head, predicting_mask
 from qtllava.wire.messages import PROTOCOL_VERSION, WireError, bounded, ids_to_bytes, labels_from_wire, pb
 
-__all__ = ["ServerRuntime", "SplitError", "describe_config_difference", "HASH_SECTIONS"]
+__all__ = ["ServerRuntime", "SplitError", "describe_config_difference"]
 
 log = logging.getLogger(__name__)
 
-HASH_SECTIONS = ("vision", "connector", "llm", "compress")
 MAX_CONFIG_JSON = 1 << 16  # bytes of a handshake's configuration JSON the server reads
 MAX_NAME = 64  # characters of a client name
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
