@@ -66,6 +66,8 @@ class Campaign:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
             ("grpc.max_send_message_length", 4 * LIMIT), ("grpc.max_receive_message_length", 4 * LIMIT)])
         self.stats: dict[str, dict] = {}
+        self.honest: ClientRuntime | None = None  # the honest client, stepping between the classes
+        self.during_stall = 0.0  # its mean step time while the stalled calls are in flight
         link = GrpcLink(ClientOptions(target=f"127.0.0.1:{port}", client_name="alice", token=TOKENS["alice"]))
         self.alice = link.handshake(make_hello(scfg, "alice")).session_id
         link.shutdown()
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "classes": classes, "total": total,
         "applied_steps": len(applied), "honest_steps": honest_steps,
         "hostile_steps_applied": extra,
-        "honest_step_s": {"usual": round(usual, 4), "while_stalled": round(getattr(camp, "during_stall", 0.0), 4),
+        "honest_step_s": {"usual": round(usual, 4), "while_stalled": round(camp.during_stall, 4),
                           "after_each_class_max": round(max(per_class_step.values()), 4)},
         "wall_s": round(wall, 1),
     }

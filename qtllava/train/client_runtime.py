@@ -199,7 +199,7 @@ class ClientRuntime:
             try:
                 g_img = _reply_tensor(reply.image_grad, out.image.values.numel(), "image-row gradient")
                 g_txt = self._text_grad(reply.text_grad, out.text.values)
-            except (WireError, ValueError) as e:
+            except ValueError as e:  # WireError included
                 self.zero_grad()  # nothing of this step reaches the weights
                 raise e if isinstance(e, WireError) else WireError(f"the server's gradient reply: {e}") from e
             aux = out.image.aux_loss + out.text.aux_loss

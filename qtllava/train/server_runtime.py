@@ -61,9 +61,6 @@ class SplitError(RuntimeError):
         self.code = code
 
 
-
-
-
 def describe_config_difference(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
     """Human-readable list of keys whose values differ between two nested config dicts."""
     out = []
@@ -105,6 +102,11 @@ class Session:
     checkpointed_step: int = -1  # the step of this session's last checkpoint (one per step)
     final_written: bool = False
     turn_expired: bool = False  # U cut: its pending forward was dropped; it must resume before stepping again
+
+    @property
+    def identity(self) -> str:
+        """Who the session's limits are counted for: the authenticated identity, else the name it gave."""
+        return self.owner or self.name
 
     def reset_step(self) -> None:
         self.micro_done = 0
@@ -272,9 +274,13 @@ class ServerRuntime:
         if sess.owner != peer:
             raise SplitError(f"session {sess.session_id} belongs to another client", "PERMISSION_DENIED")
 
-    def _refuse(self, reason: str, error: SplitError | None) -> SplitError | None:
-        """Count a refusal by reason (reported in `state()`) and hand the error back to raise."""
+    def _count(self, reason: str) -> None:
+        """Count a refusal by reason (reported in `state()`)."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def _refuse(self, reason: str, error: SplitError) -> SplitError:
+        """Count a refusal by reason and hand the error back to raise."""
+        self._count(reason)
         return error
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -314,9 +320,8 @@ class ServerRuntime:
                     stale.pending = None
                     stale.turn_expired = True
                     stale.last_key, stale.last_reply = (-1, -1, -1), b""
-                    who = stale.owner or stale.name
-                    self.turn_expiries[who] = self.turn_expiries.get(who, 0) + 1
-                self._refuse("turn_expired", None)
+                    self.turn_expiries[stale.identity] = self.turn_expiries.get(stale.identity, 0) + 1
+                self._count("turn_expired")
                 self._release(self._owner)
                 break
             self._turn.wait(left)
@@ -352,9 +357,9 @@ class ServerRuntime:
                 if not backward and sess.turn_expired:
                     raise SplitError(f"session {sess.session_id} lost the U-cut turn after {self.busy_timeout:.0f} s "
                                      "without its backward; reconnect with resume", "FAILED_PRECONDITION")
-                if not backward and self.turn_expiries.get(sess.owner or sess.name, 0) >= self.max_turn_expiries:
+                if not backward and self.turn_expiries.get(sess.identity, 0) >= self.max_turn_expiries:
                     raise self._refuse("turn_expired", SplitError(
-                        f"client {bounded(sess.owner or sess.name)} held the U-cut turn past {self.busy_timeout:.0f} s "
+                        f"client {bounded(sess.identity)} held the U-cut turn past {self.busy_timeout:.0f} s "
                         f"{self.max_turn_expiries} times; its forwards are refused", "RESOURCE_EXHAUSTED"))
                 self._wait_turn(sess.session_id)
                 sess = self._session(req.session_id, peer)
@@ -575,12 +580,11 @@ class ServerRuntime:
             if req.close:
                 self.generations.pop(key, None)
                 return pb.GenerateReply(generation_id=req.generation_id, round=req.round)
-            who = sess.owner or sess.name
             if req.round == 0 and key not in self.generations and sum(
-                    1 for sid, _ in self.generations if (self.sessions[sid].owner or self.sessions[sid].name) == who
+                    1 for sid, _ in self.generations if self.sessions[sid].identity == sess.identity
             ) >= self.max_generations_per_client:
                 raise self._refuse("open_generations", SplitError(
-                    f"client {bounded(who)} has {self.max_generations_per_client} generations open; close one "
+                    f"client {bounded(sess.identity)} has {self.max_generations_per_client} generations open; close one "
                     "(GenerateRequest.close) first", "RESOURCE_EXHAUSTED"))
             try:
                 with identity_head(self.part.llm) if self.cut == "u" else nullcontext():
@@ -647,9 +651,8 @@ class ServerRuntime:
                 if sess.checkpointed_step != sess.next_step or not (target / "DONE").exists():
                     self._save_atomic(target)
                     sess.checkpointed_step = sess.next_step
-            path = target
             # the reply names the checkpoint, not where the server keeps its files
-            return pb.CheckpointReply(path=path.name if req.tag else f"{sess.session_id}/{path.name}",
+            return pb.CheckpointReply(path=target.name if req.tag else f"{sess.session_id}/{target.name}",
                                       step_id=sess.next_step)
 
     def close(self, req: pb.Goodbye, peer: str = "") -> pb.GoodbyeReply:

@@ -190,17 +190,14 @@ class _Servicer:
         timer = threading.Timer(self.options.read_seconds, expire)
         timer.daemon = True
         timer.start()
-        try:
+        try:  # the iterator of a cancelled call raises, or ends early
             data = self._read_all(request_iterator, context, limit, chunked)
-        except Exception:  # the iterator of a cancelled call raises, or ends early
+        finally:
+            timer.cancel()
             if expired.is_set():
                 self._count("read_deadline")
                 log.warning("a call did not deliver its request within %.0f s; cancelled", self.options.read_seconds)
-            raise
-        finally:
-            timer.cancel()
         if expired.is_set():  # read in full, but only after the deadline had cancelled the call
-            self._count("read_deadline")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request arrived after the read deadline")
         return data
 
@@ -259,7 +256,7 @@ class _Servicer:
             first = now - self._logged.get(key, -1e18) >= self.options.traceback_seconds
             if first:
                 self._logged[key] = now
-            self.refused["internal"] = self.refused.get("internal", 0) + 1
+        self._count("internal")
         if first:
             log.error("%s failed (traceback logged once per %.0f s for %s)", kind, self.options.traceback_seconds,
                       key[1], exc_info=e)
